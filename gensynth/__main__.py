@@ -1,0 +1,3 @@
+from gensynth.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Command line: argument parsing only; every command calls into the modules (DESIGN.md, "CLI").
+
+    gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
+    gensynth inspect data/fashion/train --verify
+    gensynth demo
+
+Exit codes: 0 success, 2 usage or config error (one line, no traceback), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gensynth import __version__
+from gensynth.errors import GensynthError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gensynth", description="Generative models -> synthetic training data.")
+    parser.add_argument("--version", action="version", version=f"gensynth {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("shard", help="ingest a source into WebDataset shards + manifest.json",
+                       description="Write SOURCE's records as OUT/<split>/<split>-000000.tar ... and manifest.json.")
+    p.add_argument("source", help="idx:DIR | idx:IMAGES,LABELS | folder:DIR | hf:PATH | npz:FILE")
+    p.add_argument("out", help="output root: a folder or s3://bucket/prefix; the split goes in OUT/<split>/")
+    p.add_argument("--split", default="train", help="split name; for idx: folders it picks train-* or t10k-* files")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (npy: raw, faster)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order records are written in")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing complete shard set")
+    p.add_argument("--class-names", type=_csv, help="comma-separated label names, index = label")
+    p.add_argument("--image-column", default="image", help="hf: the image column")
+    p.add_argument("--label-column", default="label", help="hf: the label column ('' for none)")
+    p.add_argument("--image-key", help="npz: the images array (guessed when there is one N-d array)")
+    p.add_argument("--label-key", help="npz: the labels array")
+
+    p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
+    p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 and size against the manifest")
+
+    p = sub.add_parser("demo", help="the main job end to end on Fashion-MNIST (Debian's dataset-fashion-mnist)")
+    p.add_argument("--data", default="data/fashion", help="where the shards go (default data/fashion)")
+    p.add_argument("--source-dir", default="/usr/share/datasets/fashion-mnist", help="the IDX files")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "shard":
+        from gensynth.data.ingest import ingest
+        from gensynth.data.sources import open_source
+
+        source = open_source(args.source, split=args.split, image_column=args.image_column,
+                             label_column=args.label_column or None, class_names=args.class_names,
+                             image_key=args.image_key, label_key=args.label_key)
+        ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
+               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite)
+        return 0
+    if args.command == "inspect":
+        from gensynth.inspection import inspect
+
+        lines, ok = inspect(args.url, verify=args.verify, overrides=args.overrides)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    if args.command == "demo":
+        from gensynth.demo import run_demo
+
+        run_demo(args.data, args.source_dir, args.num_workers)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except GensynthError as e:
+        print(f"gensynth {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"gensynth {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,6 @@
+"""Data: ingest sources into shards, manifests, the streaming loader."""
+
+from gensynth.data.manifest import Manifest, read_manifest
+from gensynth.data.stream import ShardLoader, resolve_shards
+
+__all__ = ["Manifest", "ShardLoader", "read_manifest", "resolve_shards"]

@@ -1,0 +1,112 @@
+"""Who reads which samples: the epoch plan shared by every rank and worker, computed, never communicated.
+
+Every process derives the same plan from (shard sample counts, seed, epoch, world size, workers,
+batch size):
+
+1. the shard order is shuffled with Random(seed, epoch): identical on every rank;
+2. the samples, in that order, are cut into one contiguous range per rank. In *exact* mode the
+   ranges are sized so that every rank has the same number of batches T: each gets T-1 full
+   batches plus an even share of the remainder (a rank's last batch is empty only when fewer
+   samples remain than there are ranks). So no rank runs dry while another still steps: no hang;
+3. a rank's batches are cut into one contiguous run per DataLoader worker; a range may start or
+   end inside a shard (balance down to the sample, not the shard).
+
+The DataLoader asks its workers in turn, so the rank's batches arrive round-robin over workers;
+`exact_delivery_order` is that order, and the loader delivers batches in it whatever the workers'
+timing, which is what makes a resumed run see the very same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+
+def derive_seed(*parts: object) -> int:
+    """A 64-bit seed from any parts, the same in every process and Python version."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int  # index into the shard list
+    start: int  # first sample (within the shard)
+    stop: int  # one past the last
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_shards))
+    random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
+    return order
+
+
+def segments_for_range(counts: list[int], order: list[int], start: int, stop: int) -> list[Segment]:
+    """The samples [start, stop) of the concatenation of shards in `order`, as per-shard segments."""
+    out = []
+    pos = 0
+    for shard in order:
+        n = counts[shard]
+        lo, hi = max(start, pos), min(stop, pos + n)
+        if lo < hi:
+            out.append(Segment(shard, lo - pos, hi - pos))
+        pos += n
+        if pos >= stop:
+            break
+    return out
+
+
+def even_split(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` near-equal runs."""
+    return total * index // parts, total * (index + 1) // parts
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: list[Segment]  # what this worker reads, in order
+    batch_sizes: list[int]  # how its samples are cut into batches (exact mode; may end with a 0)
+    first_batch: int  # index of its first batch within the rank's batches
+
+
+def exact_rank_batches(total: int, world: int, batch: int, rank: int) -> tuple[int, list[int]]:
+    """(first sample of the rank, its batch sizes); every rank gets the same number of batches."""
+    if total == 0:
+        return 0, []
+    per_round = world * batch
+    t = -(-total // per_round)  # batches per rank
+    base = (t - 1) * batch
+    left = total - world * base
+    sizes = [base + left // world + (1 if r < left % world else 0) for r in range(world)]
+    first = sum(sizes[:rank])
+    mine = sizes[rank]
+    return first, [batch] * (t - 1) + [mine - base]
+
+
+def exact_worker_plan(counts: list[int], seed: int, epoch: int, world: int, rank: int, workers: int,
+                      worker: int, batch: int) -> WorkerPlan:
+    order = shard_order(len(counts), seed, epoch)
+    first, sizes = exact_rank_batches(sum(counts), world, batch, rank)
+    b0, b1 = even_split(len(sizes), workers, worker)
+    start = first + sum(sizes[:b0])
+    stop = start + sum(sizes[b0:b1])
+    return WorkerPlan(segments_for_range(counts, order, start, stop), sizes[b0:b1], b0)
+
+
+def exact_delivery_order(num_batches: int, workers: int) -> list[tuple[int, int]]:
+    """(worker, batch index within that worker) in the order the DataLoader hands them out."""
+    runs = [even_split(num_batches, workers, k) for k in range(workers)]
+    counts = [hi - lo for lo, hi in runs]
+    order = []
+    taken = [0] * workers
+    while len(order) < num_batches:
+        for k in range(workers):
+            if taken[k] < counts[k]:
+                order.append((k, taken[k]))
+                taken[k] += 1
+    return order
+
+
+def resampled_worker_range(total: int, world: int, rank: int, workers: int, worker: int) -> tuple[int, int]:
+    """[start, stop) of one (rank, worker) slot's samples within each epoch of the endless stream."""
+    return even_split(total, world * workers, rank * workers + worker)

@@ -1,0 +1,393 @@
+"""The streaming loader: batches from a shard set for one rank, exact or endless, resumable mid-epoch.
+
+    loader = ShardLoader("data/fashion/train", batch_size=128, mode="exact", num_workers=2)
+    for batch in loader:            # one epoch: batch["image"] uint8 [n,C,H,W], batch["label"] int64 [n]
+        ...
+    state = loader.state_dict()     # save with the checkpoint; load_state_dict() continues from there
+
+Under torch.distributed the rank and world size are read from the process group (or RANK /
+WORLD_SIZE); each rank builds its own ShardLoader over the same shard set.
+
+Never hand a ShardLoader (or its DataLoader) to `accelerator.prepare()`: Accelerate would wrap it
+in a dispatcher where only rank 0 reads, losing half the data each epoch (notes/stack-pitfalls.md).
+The loader splits the data across ranks itself; move batches to the device with `.to(device)`.
+
+Modes
+- exact: every sample exactly once per epoch across all ranks and workers; every rank yields the
+  same number of batches (see plan.py), so no rank waits on another at the end of an epoch. A
+  rank's final batch can be short, and is empty only when fewer samples remain than ranks.
+- resampled: endless; epoch after epoch, each with a fresh shard order, always full batches.
+
+A corrupt sample (undecodable image, bad label) or a truncated shard is skipped, logged with its
+shard and key, and counted in `loader.corrupt`; past `max_corrupt_fraction` of a worker's samples
+the worker raises `CorruptDataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gensynth import storage
+from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, decode_image
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, read_manifest
+from gensynth.data.plan import (
+    Segment,
+    derive_seed,
+    exact_delivery_order,
+    exact_rank_batches,
+    exact_worker_plan,
+    resampled_worker_range,
+    segments_for_range,
+    shard_order,
+)
+from gensynth.data.tario import CorruptShard, TruncatedShard, count_samples, iter_samples
+from gensynth.errors import GensynthError, UsageError
+
+log = logging.getLogger("gensynth")
+MODES = ("exact", "resampled")
+
+
+class CorruptDataError(GensynthError):
+    """More corrupt samples than `max_corrupt_fraction` allows."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+
+    @property
+    def name(self) -> str:
+        return storage.basename(self.url)
+
+
+def resolve_shards(source: str | list[str]) -> tuple[list[Shard], Manifest | None]:
+    """A shard set's folder/prefix or manifest URL, a brace pattern, or a list of shard URLs -> shards.
+
+    Without a manifest, each shard is read once (headers only) to count its samples.
+    """
+    if isinstance(source, (list, tuple)):
+        urls = [u for item in source for u in storage.expand_braces(str(item))]
+    else:
+        source = str(source)
+        if source.endswith(".json") or (not source.endswith(".tar") and "{" not in source):
+            manifest = read_manifest(source)
+            folder = storage.parent(source) if source.endswith(".json") else source.rstrip("/")
+            return [Shard(storage.join(folder, s.name), s.samples) for s in manifest.shards], manifest
+        urls = storage.expand_braces(source)
+    shards = []
+    for url in urls:
+        if not storage.exists(url):
+            raise UsageError(f"shard not found: {url}")
+        with storage.open_read(url) as f:
+            try:
+                shards.append(Shard(url, count_samples(f)))
+            except (TruncatedShard, CorruptShard) as e:
+                raise UsageError(f"{url}: cannot count samples without a {MANIFEST_NAME}: {e}") from None
+    return shards, None
+
+
+def default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _ShardReader:
+    """Raw samples (shard name, key, fields) of a worker's segments, in order, logging damage."""
+
+    def __init__(self, shards: list[Shard]):
+        self.shards = shards
+        self.missing = 0  # samples the plan expected but a truncated or corrupt shard did not hold
+
+    def read(self, segments: list[Segment]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        for seg in segments:
+            shard = self.shards[seg.shard]
+            pos = 0  # samples of this shard passed so far
+            problem = "it holds fewer samples than its manifest entry"
+            try:
+                with storage.open_read(shard.url) as f:
+                    for key, fields in iter_samples(f):
+                        if pos >= seg.start:
+                            yield shard.name, key, fields
+                        pos += 1
+                        if pos >= seg.stop:
+                            break
+            except (TruncatedShard, CorruptShard, OSError) as e:
+                problem = str(e)
+            lost = seg.stop - max(pos, seg.start)
+            if lost > 0:
+                log.warning("shard %s is damaged after %d samples (%s): %d planned samples skipped",
+                            shard.url, pos, problem, lost)
+                self.missing += lost
+
+
+def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Fill a buffer of `size`, then emit a random element for each new one; drain shuffled at the end."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardDataset(IterableDataset):
+    """Worker side of ShardLoader: yields (delivery position, worker, corrupt so far, batch)."""
+
+    def __init__(self, shards: list[Shard], batch_size: int, mode: str, seed: int, buffer: int, rank: int,
+                 world: int, workers: int, max_corrupt_fraction: float, image_shape: tuple[int, ...] | None,
+                 decode_meta: bool):
+        self.shards = shards
+        self.counts = [s.samples for s in shards]
+        self.batch_size = batch_size
+        self.mode = mode
+        self.seed = seed
+        self.buffer = buffer
+        self.rank, self.world, self.workers = rank, world, workers
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.image_shape = image_shape
+        self.decode_meta = decode_meta
+        self.epoch = 0
+        self.skip = [0] * workers  # batches each worker already delivered (resume)
+
+    # -- plumbing
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)  # decode is numpy/zlib; don't oversubscribe the cores
+        if self.mode == "exact":
+            yield from self._exact(worker)
+        else:
+            yield from self._resampled(worker)
+
+    def _samples(self, reader: _ShardReader, segments: list[Segment], epoch: int,
+                 worker: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        rng = random.Random(derive_seed("samples", self.seed, epoch, self.rank, worker))
+        return shuffle_buffer(reader.read(segments), self.buffer, rng)
+
+    # -- exact: one epoch, planned batch sizes, same batch count on every rank
+
+    def _exact(self, worker: int) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        plan = exact_worker_plan(self.counts, self.seed, self.epoch, self.world, self.rank, self.workers,
+                                 worker, self.batch_size)
+        _, rank_sizes = exact_rank_batches(sum(self.counts), self.world, self.batch_size, self.rank)
+        position = {wb: i for i, wb in enumerate(exact_delivery_order(len(rank_sizes), self.workers))}
+        reader = _ShardReader(self.shards)
+        stream = self._samples(reader, plan.segments, self.epoch, worker)
+        skip = self.skip[worker]
+        for _ in range(sum(plan.batch_sizes[:skip])):  # replay what was delivered before a resume
+            if next(stream, None) is None:
+                break
+        planned = sum(plan.batch_sizes)
+        corrupt = 0
+        for j in range(skip, len(plan.batch_sizes)):
+            raw = list(islice(stream, plan.batch_sizes[j]))
+            batch, bad = self._collate(raw)
+            corrupt += bad
+            corrupt_total = corrupt + reader.missing
+            self._check_corrupt(corrupt_total, planned, worker)
+            yield position[(worker, j)], worker, corrupt_total, batch
+
+    # -- resampled: endless, full batches, epochs chained
+
+    def _resampled(self, worker: int) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        total = sum(self.counts)
+        lo, hi = resampled_worker_range(total, self.world, self.rank, self.workers, worker)
+        per_epoch = hi - lo
+        if per_epoch == 0:
+            raise UsageError(f"resampled mode needs at least world_size x num_workers = "
+                             f"{self.world * self.workers} samples, the shard set has {total}")
+        done = self.skip[worker] * self.batch_size  # samples this worker delivered since `self.epoch`
+        epoch = self.epoch + done // per_epoch
+        offset = done % per_epoch
+        reader = _ShardReader(self.shards)
+
+        def endless() -> Iterator[tuple[str, str, dict[str, bytes]]]:
+            nonlocal epoch
+            first = True
+            while True:
+                order = shard_order(len(self.counts), self.seed, epoch)
+                stream = self._samples(reader, segments_for_range(self.counts, order, lo, hi), epoch, worker)
+                if first:
+                    for _ in range(offset):
+                        next(stream, None)
+                    first = False
+                yield from stream
+                epoch += 1
+
+        stream = endless()
+        corrupt = 0
+        j = self.skip[worker]
+        while True:
+            raw = list(islice(stream, self.batch_size))
+            batch, bad = self._collate(raw)
+            corrupt += bad
+            corrupt_total = corrupt + reader.missing
+            self._check_corrupt(corrupt_total, max(per_epoch, (j + 1) * self.batch_size), worker)
+            yield j * self.workers + worker, worker, corrupt_total, batch
+            j += 1
+
+    # -- decode and collate
+
+    def _check_corrupt(self, corrupt: int, planned: int, worker: int) -> None:
+        if corrupt > self.max_corrupt_fraction * planned:
+            raise CorruptDataError(
+                f"rank {self.rank} worker {worker}: {corrupt} corrupt or missing samples of {planned} planned "
+                f"exceeds max_corrupt_fraction={self.max_corrupt_fraction}; the warnings above name the shards "
+                "and keys (run `gensynth inspect SHARDS --verify`)")
+
+    def _collate(self, raw: list[tuple[str, str, dict[str, bytes]]]) -> tuple[dict[str, Any], int]:
+        images, labels, keys, metas = [], [], [], []
+        bad = 0
+        for shard, key, fields in raw:
+            try:
+                ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+                if ext is None:
+                    raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
+                image = decode_image(fields[ext], ext)
+                if self.image_shape is not None and image.shape != self.image_shape:
+                    raise DecodeError(f"image is {image.shape}, the set's schema says {self.image_shape}")
+                label = int(fields["cls"]) if "cls" in fields else -1
+                meta = json.loads(fields["json"]) if self.decode_meta and "json" in fields else None
+            except (DecodeError, ValueError, UnicodeDecodeError) as e:
+                log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, e)
+                bad += 1
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(key)
+            metas.append(meta)
+        if images:
+            stacked = np.stack(images)  # n, H, W, C
+            tensor = torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+        else:
+            h, w, c = self.image_shape or (0, 0, 0)
+            tensor = torch.empty((0, c, h, w), dtype=torch.uint8)
+        batch = {"image": tensor, "label": torch.tensor(labels, dtype=torch.int64), "key": keys}
+        if self.decode_meta:
+            batch["meta"] = metas
+        return batch, bad
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class ShardLoader:
+    """Batches of one rank's share of a shard set; see the module docstring."""
+
+    def __init__(self, source: str | list[str], batch_size: int, mode: str = "exact", seed: int = 0,
+                 shuffle_buffer: int = 2000, num_workers: int = 0, rank: int | None = None,
+                 world_size: int | None = None, max_corrupt_fraction: float = 0.001, pin_memory: bool = False,
+                 decode_meta: bool = True, prefetch_factor: int = 4):
+        if mode not in MODES:
+            raise UsageError(f"loader mode {mode!r}: use one of {', '.join(MODES)}")
+        if batch_size < 1:
+            raise UsageError(f"batch_size={batch_size}: must be >= 1")
+        default_rank, default_world = default_rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.shards, self.manifest = resolve_shards(source)
+        if not self.shards:
+            raise UsageError(f"{source}: no shards")
+        image = (self.manifest.schema.get("image") if self.manifest else None) or None
+        shape = (image["height"], image["width"], image["channels"]) if image else None
+        self.num_workers = num_workers
+        self.mode = mode
+        self.batch_size = batch_size
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.dataset = ShardDataset(self.shards, batch_size, mode, seed, shuffle_buffer, self.rank,
+                                    self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta)
+        self.corrupt = 0  # corrupt or missing samples seen by this rank so far (all epochs)
+        self._corrupt_by_worker = [0] * max(1, num_workers)
+        self._delivered = [0] * max(1, num_workers)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole shard set (all ranks)."""
+        return sum(s.samples for s in self.shards)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (exact mode; the same on every rank)."""
+        if self.mode != "exact":
+            raise TypeError("a resampled loader is endless and has no length")
+        return len(exact_rank_batches(self.num_samples, self.world_size, self.batch_size, self.rank)[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning at the next iteration."""
+        self.dataset.epoch = epoch
+        self._delivered = [0] * len(self._delivered)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.skip = list(self._delivered)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, worker_init_fn=_worker_init if self.num_workers else None,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+        next_pos = sum(self._delivered) if self.mode == "exact" else None
+        pending: dict[int, tuple[int, int, dict[str, Any]]] = {}
+        if self.mode == "resampled":
+            # Endless: delivery position j*K + k; resume continues at the smallest undelivered one.
+            k_workers = len(self._delivered)
+            next_pos = min(self._delivered[k] * k_workers + k for k in range(k_workers))
+        for pos, worker, corrupt, batch in loader:
+            pending[pos] = (worker, corrupt, batch)
+            while next_pos in pending:
+                worker, corrupt, batch = pending.pop(next_pos)
+                self._delivered[worker] += 1
+                self.corrupt += corrupt - self._corrupt_by_worker[worker]
+                self._corrupt_by_worker[worker] = corrupt
+                next_pos += 1
+                yield batch
+        if pending:
+            raise RuntimeError(f"loader ended with {len(pending)} batches out of order (a bug in gensynth)")
+        # exact mode: the epoch is complete; the next iteration starts the next epoch
+        self.set_epoch(self.dataset.epoch + 1)
+        self._corrupt_by_worker = [0] * len(self._corrupt_by_worker)
+
+    def _identity(self) -> dict[str, Any]:
+        """What must not change for a saved position to mean the same samples."""
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "mode": self.mode, "seed": self.dataset.seed, "num_samples": self.num_samples}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position inside the epoch: enough to continue with no sample lost or repeated."""
+        return {"epoch": self.dataset.epoch, "delivered": list(self._delivered), "corrupt": self.corrupt,
+                "rank": self.rank, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in self._identity().items():
+            if state.get(key) != mine:
+                raise UsageError(f"cannot resume the data stream mid-epoch: it was saved with {key}={state.get(key)}, "
+                                 f"this loader has {key}={mine}; keep {key} unchanged to resume "
+                                 "(or start the epoch afresh with set_epoch)")
+        self.dataset.epoch = state["epoch"]
+        self._delivered = list(state["delivered"])
+        self.corrupt = state.get("corrupt", 0)
+        self._corrupt_by_worker = [0] * len(self._delivered)

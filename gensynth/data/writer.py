@@ -1,0 +1,143 @@
+"""Write samples into a shard set: `<split>-000000.tar ...` (each shard atomic) and, last, the manifest.
+
+    with ShardSetWriter("data/fashion/train", split="train", shard_size=5000) as w:
+        w.add("train-00000000", image, label=9, meta={"source_index": 0})
+        manifest = w.finish(classes=names, provenance={...})
+
+Leaving the `with` block on an exception removes every shard this writer published, so a failed
+ingest leaves no shard set that looks complete (and no manifest is ever written for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections import Counter
+from typing import IO, Any
+
+import numpy as np
+
+from gensynth import storage
+from gensynth.data.codec import as_hwc, encode_image
+from gensynth.data.manifest import Manifest, ShardInfo, write_manifest
+from gensynth.data.tario import TarShardWriter
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+class _HashingFile:
+    """Counts and hashes what passes through to the real file (tarfile only needs write/tell)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class ShardSetWriter:
+    def __init__(self, folder: str, split: str, shard_size: int = 5000, encoding: str = "png"):
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.folder = str(folder)
+        self.split = split
+        self.shard_size = shard_size
+        self.encoding = encoding
+        self.shards: list[ShardInfo] = []
+        self.histogram: Counter[int] = Counter()
+        self.image_shape: tuple[int, ...] | None = None
+        self.labelled: bool | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._tar: TarShardWriter | None = None
+        self._hashing: _HashingFile | None = None
+        self._published: list[str] = []
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort(exc)
+
+    def add(self, key: str, image: np.ndarray, label: int | None = None, meta: dict | None = None) -> None:
+        image = as_hwc(image)
+        if self.image_shape is None:
+            self.image_shape = image.shape
+        elif image.shape != self.image_shape:
+            raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, "
+                             f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x{self.image_shape[2]} "
+                             "(one size per shard set)")
+        if self.labelled is None:
+            self.labelled = label is not None
+        elif self.labelled != (label is not None):
+            raise ValueError(f"sample {key}: some samples have a label and some do not")
+        fields = {self.encoding: encode_image(image, self.encoding)}
+        if label is not None:
+            fields["cls"] = str(int(label)).encode("ascii")
+            self.histogram[int(label)] += 1
+        if meta is not None:
+            fields["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if self._tar is None:
+            self._open_shard()
+        self._tar.write(key, fields)
+        if self._tar.count >= self.shard_size:
+            self.end_shard()
+
+    def _open_shard(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        self._stack = contextlib.ExitStack()
+        f = self._stack.enter_context(storage.atomic_write(storage.join(self.folder, name)))
+        self._hashing = _HashingFile(f)
+        self._tar = TarShardWriter(self._hashing)
+        self._name = name
+
+    def end_shard(self) -> None:
+        """Publish the shard in progress now (the next sample starts a new one); no-op when none is open."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        count = self._tar.count
+        self._stack.close()  # publishes the shard (rename, or upload)
+        self._published.append(self._name)
+        self.shards.append(ShardInfo(self._name, count, self._hashing.size, self._hashing.sha.hexdigest()))
+        self._tar = self._stack = self._hashing = None
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"key": "str"}
+        if self.image_shape is not None:
+            h, w, c = self.image_shape
+            schema["image"] = {"field": self.encoding, "encoding": self.encoding, "height": h, "width": w,
+                               "channels": c, "dtype": "uint8"}
+        if self.labelled:
+            schema["cls"] = "int"
+        schema["json"] = "object"
+        return schema
+
+    def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
+        """Close the last shard and write the manifest (atomically, last)."""
+        self.end_shard()
+        manifest = Manifest(
+            split=self.split, shards=list(self.shards), schema=self.schema(),
+            class_histogram={str(k): v for k, v in sorted(self.histogram.items())},
+            classes=classes, provenance=provenance or {})
+        write_manifest(self.folder, manifest)
+        return manifest
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the shard in progress and remove the ones already published by this writer."""
+        if self._stack is not None:
+            self._stack.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+            self._stack = self._tar = self._hashing = None
+        for name in self._published:
+            storage.remove(storage.join(self.folder, name))
+        self._published.clear()
