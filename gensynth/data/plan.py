@@ -4,10 +4,9 @@ Every process derives the same plan from (shard sample counts, seed, epoch, worl
 batch size):
 
 1. the shard order is shuffled with Random(seed, epoch): identical on every rank;
-2. the samples, in that order, are cut into one contiguous range per rank. In *exact* mode the
-   ranges are sized so that every rank has the same number of batches T: each gets T-1 full
-   batches plus an even share of the remainder (a rank's last batch is empty only when fewer
-   samples remain than there are ranks). So no rank runs dry while another still steps: no hang;
+2. the samples, in that order, are cut into one contiguous range per rank (sizes differ by at most
+   one). In *exact* mode every rank cuts its range into the same number of batches T (see
+   `exact_rank_batches`), so no rank runs dry while another still steps: no hang at epoch end;
 3. a rank's batches are cut into one contiguous run per DataLoader worker; a range may start or
    end inside a shard (balance down to the sample, not the shard).
 
@@ -70,17 +69,22 @@ class WorkerPlan:
 
 
 def exact_rank_batches(total: int, world: int, batch: int, rank: int) -> tuple[int, list[int]]:
-    """(first sample of the rank, its batch sizes); every rank gets the same number of batches."""
+    """(first sample of the rank, its batch sizes). Ranks get total/world samples (+-1) and the same
+    number of batches: full ones, then the rest. A rank one batch short splits its last full batch
+    (B-1, 1) rather than step with nothing; only with fewer samples than ranks (or batch 1) does a
+    rank get an empty final batch."""
+    first, stop = even_split(total, world, rank)
     if total == 0:
-        return 0, []
-    per_round = world * batch
-    t = -(-total // per_round)  # batches per rank
-    base = (t - 1) * batch
-    left = total - world * base
-    sizes = [base + left // world + (1 if r < left % world else 0) for r in range(world)]
-    first = sum(sizes[:rank])
-    mine = sizes[rank]
-    return first, [batch] * (t - 1) + [mine - base]
+        return first, []
+    most = -(-total // world)  # the largest rank share
+    steps = -(-most // batch)
+    full, rest = divmod(stop - first, batch)
+    sizes = [batch] * full + ([rest] if rest else [])
+    if len(sizes) < steps and sizes and batch > 1:
+        sizes[-1] -= 1
+        sizes.append(1)
+    sizes += [0] * (steps - len(sizes))
+    return first, sizes
 
 
 def exact_worker_plan(counts: list[int], seed: int, epoch: int, world: int, rank: int, workers: int,
