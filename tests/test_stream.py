@@ -211,3 +211,13 @@ def test_npy_shards_decode_the_same_pixels(tmp_path):
     b = ShardLoader(str(tmp_path / "npy"), batch_size=11, shuffle_buffer=0)
     (ba,), (bb,) = list(a), list(b)
     assert ba["key"] == bb["key"] and torch.equal(ba["image"], bb["image"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
+    folder, _ = uneven_shards
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    take(ShardLoader(folder, batch_size=4, num_workers=workers), 2)
+    assert torch.equal(torch.rand(3), expected)

@@ -347,9 +347,12 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.skip = list(self._delivered)
+        # Our own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+        # run (RNG restored from a checkpoint) would sample different noise than an uninterrupted one.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, worker_init_fn=_worker_init if self.num_workers else None,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.dataset.seed))
         next_pos = sum(self._delivered) if self.mode == "exact" else None
         pending: dict[int, tuple[int, int, dict[str, Any]]] = {}
         if self.mode == "resampled":
