@@ -53,14 +53,60 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    family: str = option("gan", "which generative model: gan (gensynth/train/gan.py)", choices=("gan",))
+    resolution: int = option(32, "network resolution, a power of two; 28x28 data is padded to 32 and "
+                             "generated images are cropped back to the data's size", min=8)
+
+
+@dataclass
+class GANConfig:
+    z_dim: int = option(128, "latent size", min=1)
+    g_channels: int = option(32, "generator feature maps at full resolution, doubling per halving", min=1)
+    d_channels: int = option(32, "discriminator feature maps at full resolution, doubling per halving", min=1)
+    max_channels: int = option(128, "cap on feature maps at low resolution", min=1)
+    loss: str = option("hinge", "hinge (Lim & Ye 2017; SNGAN, BigGAN) or nonsaturating (Goodfellow et al. 2014)",
+                       choices=("hinge", "nonsaturating"))
+    spectral_norm: bool = option(True, "spectral norm in the discriminator (Miyato et al. 2018)")
+    r1_gamma: float = option(0.0, "R1 penalty weight on real images (Mescheder et al. 2018); 0 = off", min=0.0)
+    r1_interval: int = option(16, "lazy regularization: R1 every N steps, scaled by N (Karras et al. 2020)", min=1)
+    ema_kimg: float = option(10.0, "generator EMA half-life in thousands of images (Karras et al. 2020)", min=0.0)
+    ema_rampup: float = option(0.05, "EMA half-life at most this share of images seen so far (StyleGAN2-ADA); "
+                               "0 = no ramp-up", min=0.0)
+    diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
+                              "(Zhao et al. 2020); empty = off")
+    lr_g: float = option(2e-4, "generator learning rate; TTUR: G and D rates set apart (Heusel et al. 2017)",
+                         min=0.0)
+    lr_d: float = option(2e-4, "discriminator learning rate", min=0.0)
+    beta1: float = option(0.5, "Adam beta1, 0.5 as in DCGAN (Radford et al. 2016)", min=0.0, max=1.0)
+    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
+
+
+@dataclass
 class TrainConfig:
-    batch_size: int = option(128, "samples per step on each process", min=1)
+    steps: int = option(2000, "optimizer steps in the whole run (a resumed run continues to this count)", min=0)
+    batch_size: int = option(128, "samples per step on each process (x processes x grad_accum = global)", min=1)
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", min=1)
+    mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 and bf16 need CUDA; fp16 uses a grad scaler)",
+                                  choices=("no", "bf16", "fp16"))
+    device: str = option("auto", "auto (CUDA when present) | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
+    log_every: int = option(50, "steps between scalar logs", min=1)
+    sample_every: int = option(500, "steps between sample grids (fixed noise, one row per class)", min=1)
+    checkpoint_every: int = option(500, "steps between checkpoints (one is always written at the end)", min=1)
+    keep_checkpoints: int = option(3, "complete checkpoints kept (the newest K)", min=1)
+    max_nonfinite: int = option(5, "non-finite steps in a row before rolling back to the last checkpoint",
+                                min=1)
+    grad_clip: float = option(0.0, "clip gradient norm to this; 0 = off (norms are logged either way)", min=0.0)
+    threads: int = option(0, "torch threads per process; 0 = torch's default", min=0)
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -171,6 +217,11 @@ def coerce(value: Any, kind: Any, fail: typing.Callable[[str], typing.NoReturn])
             fail("must be an integer")
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail("must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("must be a number")
         return float(value)

@@ -32,6 +32,12 @@ def test_yaml_then_overrides_nested_with_dots(tmp_path):
     assert cfg.data.mode == "exact" and cfg.data.max_corrupt_fraction == 0.5
 
 
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) parses 2e-4 as a string; learning rates are written that way
+    cfg = load_config(write(tmp_path, "gan: {lr_g: 2e-4}\n"), ["gan.lr_d=1e-3"])
+    assert cfg.gan.lr_g == 2e-4 and cfg.gan.lr_d == 1e-3
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
