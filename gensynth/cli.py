@@ -1,6 +1,7 @@
 """Command line: argument parsing only; every command calls into the modules (DESIGN.md, "CLI").
 
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
+    gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
     gensynth inspect data/fashion/train --verify
     gensynth demo
 
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-key", help="npz: the images array (guessed when there is one N-d array)")
     p.add_argument("--label-key", help="npz: the labels array")
 
+    p = sub.add_parser("train", help="train a model family from a YAML config (resumes automatically)",
+                       description="Train from CONFIG with section.key=value overrides; also runs under "
+                       "`accelerate launch -m gensynth train ...`. Exit 75 means: stopped by a signal after "
+                       "saving a checkpoint, requeue me.")
+    p.add_argument("config", help="experiment YAML, e.g. configs/gan_fashion.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=2000 run.name=x")
+
     p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
     p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
@@ -66,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
                seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite)
         return 0
+    if args.command == "train":
+        from gensynth.config import load_config
+        from gensynth.train.loop import train
+
+        return train(load_config(args.config, args.overrides))
     if args.command == "inspect":
         from gensynth.inspection import inspect
 
@@ -85,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
     try:
         return run(args)
     except GensynthError as e:

@@ -1,0 +1,1 @@
+"""Networks only: no training logic (DESIGN.md, "Layout")."""

@@ -1,0 +1,1 @@
+"""Training: one Accelerate loop shared by every model family, plus a step module per family."""

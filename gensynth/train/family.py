@@ -1,0 +1,90 @@
+"""What the loop needs from a model family, and the small helpers every family's step shares."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The training data as the model sees it (from the shard set's manifest)."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int
+    classes: list[str]
+    manifest_sha256: str | None
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, averaged per log interval
+    nonfinite: bool = False  # a loss was NaN or Inf on this rank
+
+
+class Family(Protocol):
+    family: str
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult: ...
+    def modules(self) -> dict[str, nn.Module]: ...
+    def after_restore(self) -> None: ...
+    def learning_rates(self) -> dict[str, float]: ...
+    def sample_grid(self) -> np.ndarray: ...
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+
+def clip_and_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  max_norm: float) -> torch.Tensor:
+    """Clip (or just measure) the gradient norm, step unless it is non-finite, zero the gradients.
+
+    With fp16 the optimizer steps anyway: the grad scaler skips an overflowing update itself and
+    lowers its scale. Off the last micro-batch of an accumulation, Accelerate makes step a no-op.
+    """
+    norm = torch.tensor(0.0)
+    if accelerator.sync_gradients:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+        norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
+        if torch.isfinite(norm) or accelerator.scaler is not None:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def sync_buffers(modules: dict[str, nn.Module]) -> None:
+    """Average floating buffers (batch-norm statistics) across ranks. DDP keeps parameters in sync but
+    each rank updates its own running statistics; a checkpoint should hold one state for all ranks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for module in modules.values():
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                buffer.div_(world)
+
+
+def params_digest(modules: dict[str, nn.Module]) -> str:
+    """sha256 over every parameter and buffer, in name order: equal on every rank iff they are in sync."""
+    h = hashlib.sha256()
+    for name, module in sorted(modules.items()):
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(f"{name}.{key}".encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_family(cfg: Any, accelerator: Accelerator, data: DataInfo) -> Family:
+    if cfg.model.family == "gan":
+        from gensynth.train.gan import GANTrainer
+
+        return GANTrainer(cfg, accelerator, data)
+    raise ValueError(f"unknown model family {cfg.model.family!r}")

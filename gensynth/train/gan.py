@@ -1,0 +1,134 @@
+"""The GAN family's step: a class-conditional DCGAN (gensynth/models/dcgan.py) trained with hinge or
+non-saturating loss, optional lazy R1 and DiffAugment, TTUR learning rates and a generator EMA.
+
+One call of `train_step` is one micro-batch: a discriminator update on real + fake images in ONE
+forward (so DDP sees one forward per backward), then a generator update through the raw
+discriminator with its gradients off (so D's DDP reducer is not involved in the G phase). Under
+gradient accumulation both models accumulate and step together on the last micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from gensynth.config import Config
+from gensynth.imaging import to_uint8
+from gensynth.models.dcgan import Discriminator, Generator
+from gensynth.train.augment import diff_augment, parse_policy
+from gensynth.train.ema import EMA
+from gensynth.train.family import DataInfo, StepResult, clip_and_step
+from gensynth.train.tracking import image_grid
+
+
+def d_loss_fn(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss_fn(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+class GANTrainer:
+    family = "gan"
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
+        g = cfg.gan
+        self.cfg, self.accelerator, self.data = cfg, accelerator, data
+        self.policy = parse_policy(g.diffaugment)
+        self.arch = dict(z_dim=g.z_dim, num_classes=data.num_classes, resolution=cfg.model.resolution,
+                         channels=data.channels, base_channels=g.g_channels, max_channels=g.max_channels)
+        G = Generator(**self.arch)
+        D = Discriminator(num_classes=data.num_classes, resolution=cfg.model.resolution, channels=data.channels,
+                          base_channels=g.d_channels, max_channels=g.max_channels, spectral=g.spectral_norm)
+        opt_g = torch.optim.Adam(G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2))
+        opt_d = torch.optim.Adam(D.parameters(), lr=g.lr_d, betas=(g.beta1, g.beta2))
+        self.G, self.D, self.opt_g, self.opt_d = accelerator.prepare(G, D, opt_g, opt_d)
+        self.D_raw = accelerator.unwrap_model(self.D)
+        self.ema = EMA(accelerator.unwrap_model(self.G), g.ema_kimg, g.ema_rampup or None)
+        self.ema.model.to(accelerator.device)
+        accelerator.register_for_checkpointing(self.ema)
+        # fixed noise for sample grids: one row per class, the same in every grid of the run
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.grid_cols = 10
+        self.grid_labels = torch.arange(data.num_classes).repeat_interleave(self.grid_cols)
+        self.grid_z = torch.randn(len(self.grid_labels), g.z_dim, generator=gen)
+
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
+        acc, g = self.accelerator, self.cfg.gan
+        n = real.shape[0]
+        with acc.accumulate(self.G, self.D):
+            # -- discriminator: real and fake in one forward
+            with torch.no_grad(), acc.autocast():
+                fake = self.G(torch.randn(n, g.z_dim, device=real.device), labels)
+            r1_now = g.r1_gamma > 0 and step % g.r1_interval == 0
+            real_in = real.detach().requires_grad_(r1_now)
+            x = torch.cat([real_in, fake.to(real.dtype)])
+            if self.policy:
+                x = diff_augment(x, self.policy)
+            with acc.autocast():
+                logits = self.D(x, torch.cat([labels, labels])).float()
+            d_loss = d_loss_fn(g.loss, logits[:n], logits[n:])
+            total = d_loss
+            r1 = None
+            if r1_now:
+                (grad,) = torch.autograd.grad(logits[:n].sum(), real_in, create_graph=True)
+                r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+                total = d_loss + (g.r1_gamma / 2) * r1 * g.r1_interval
+            acc.backward(total)
+            d_norm = clip_and_step(acc, self.D, self.opt_d, self.cfg.train.grad_clip)
+            # -- generator: through the raw discriminator, whose gradients are off
+            self.D_raw.requires_grad_(False)
+            with acc.autocast():
+                fake = self.G(torch.randn(n, g.z_dim, device=real.device), labels)
+                x = diff_augment(fake, self.policy) if self.policy else fake
+                g_loss = g_loss_fn(g.loss, self.D_raw(x, labels).float())
+            acc.backward(g_loss)
+            self.D_raw.requires_grad_(True)
+            g_norm = clip_and_step(acc, self.G, self.opt_g, self.cfg.train.grad_clip)
+        metrics = {"loss/d": d_loss.detach(), "loss/g": g_loss.detach(),
+                   "logits/real": logits[:n].detach().mean(), "logits/fake": logits[n:].detach().mean()}
+        if r1 is not None:
+            metrics["loss/r1"] = r1.detach()
+        if acc.sync_gradients:
+            global_batch = n * acc.num_processes * acc.gradient_accumulation_steps
+            metrics["ema/beta"] = torch.tensor(self.ema.update(acc.unwrap_model(self.G), global_batch))
+            metrics["grad_norm/d"], metrics["grad_norm/g"] = d_norm, g_norm
+        nonfinite = not bool(torch.isfinite(d_loss.detach()) & torch.isfinite(g_loss.detach()))
+        return StepResult(metrics, nonfinite)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        unwrap = self.accelerator.unwrap_model
+        return {"G": unwrap(self.G), "D": unwrap(self.D), "G_ema": self.ema.model}
+
+    def after_restore(self) -> None:
+        """The config's learning rates win over the ones stored with the optimizer state."""
+        for opt, lr in ((self.opt_g, self.cfg.gan.lr_g), (self.opt_d, self.cfg.gan.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr/g": self.opt_g.param_groups[0]["lr"], "lr/d": self.opt_d.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, H, W] at the data's size, from the EMA generator."""
+        device = self.accelerator.device
+        x = self.ema.model(z.to(device), labels.to(device))
+        return to_uint8(x, self.data.height, self.data.width).cpu()
+
+    def sample_grid(self) -> np.ndarray:
+        images = self.sample(self.grid_z, self.grid_labels)
+        return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """EMA generator weights (with batch-norm statistics) and what it takes to rebuild it."""
+        return dict(self.ema.model.state_dict()), {
+            "family": self.family, "architecture": dict(self.arch), "gan": asdict(self.cfg.gan)}

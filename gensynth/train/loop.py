@@ -1,0 +1,255 @@
+"""The training loop every model family shares, on Hugging Face Accelerate.
+
+    gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000             # one process
+    accelerate launch --config_file launch/cpu-2proc.yaml -m gensynth train configs/gan_fashion.yaml
+    (more in launch/README.md)
+
+Each step: the next batch from this rank's ShardLoader (never passed to accelerator.prepare, see
+gensynth/data/stream.py), the family's train_step, then ONE tiny all-reduce on which the ranks
+agree whether a stop signal arrived and whether the loss went non-finite. On a signal every rank
+saves a checkpoint and the process exits with REQUEUE_EXIT_CODE (75); after `max_nonfinite`
+non-finite steps in a row the run rolls back to the last checkpoint (weights, optimizer, RNG; the
+data stream moves on past the batches that blew up) or, if that already happened there, stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from gensynth import __version__
+from gensynth.config import Config, dump_yaml
+from gensynth.data.manifest import manifest_sha256
+from gensynth.data.stream import ShardLoader
+from gensynth.errors import GensynthError, UsageError
+from gensynth.export import save_export
+from gensynth.imaging import to_network
+from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gensynth.train.family import DataInfo, Family, build_family, params_digest, sync_buffers
+from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from gensynth.train.tracking import Tracker
+
+log = logging.getLogger("gensynth")
+
+
+class TrainingDiverged(GensynthError):
+    """Non-finite losses that a roll-back did not cure."""
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator for this config; `cpu=` is always explicit (otherwise, under a multi-process
+    launch on CPU, each process would silently train alone: notes/stack-pitfalls.md)."""
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    if t.device == "cuda" and not cuda:
+        raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    cpu = t.device == "cpu" or not cuda
+    if cpu and t.mixed_precision != "no":
+        raise UsageError(f"train.mixed_precision={t.mixed_precision} needs CUDA; on CPU use train.mixed_precision=no")
+    return Accelerator(cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
+
+
+def data_info(loader: ShardLoader, source: str) -> DataInfo:
+    manifest = loader.manifest
+    if manifest is None or "image" not in manifest.schema:
+        raise UsageError(f"{source}: training needs a shard set with a manifest.json that describes its images")
+    image = manifest.schema["image"]
+    labels = sorted(int(k) for k in manifest.class_histogram)
+    num_classes = max(len(manifest.classes or []), (labels[-1] + 1) if labels else 1)
+    classes = manifest.classes or [str(i) for i in range(num_classes)]
+    return DataInfo(image["height"], image["width"], image["channels"], num_classes, classes,
+                    manifest_sha256(source))
+
+
+def endless(loader: ShardLoader):
+    """Batches forever: resampled mode never ends; exact mode starts the next epoch."""
+    while True:
+        yield from loader
+
+
+def all_agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR across ranks (one tiny all-reduce)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def pick_checkpoint(resume: str, folder: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(folder)
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise UsageError(f"train.resume={resume}: not a complete checkpoint (expected a checkpoints/step-*/ "
+                         "folder with a COMPLETE marker), or use auto / never")
+    return path
+
+
+class Run:
+    """State of one training process; `run()` returns the exit code."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.acc = build_accelerator(cfg)
+        self.dir = Path(cfg.run.root) / cfg.run.name
+        self.ckpt_dir = self.dir / "checkpoints"
+        if self.acc.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
+                                  seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  num_workers=cfg.data.num_workers, rank=self.acc.process_index,
+                                  world_size=self.acc.num_processes,
+                                  max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+                                  pin_memory=self.acc.device.type == "cuda", decode_meta=False)
+        self.data = data_info(self.loader, cfg.data.train)
+        set_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        self.family: Family = build_family(cfg, self.acc, self.data)
+        set_seed(cfg.run.seed, device_specific=True)  # then different noise per rank
+        self.state: dict[str, Any] = {"step": 0, "nonfinite_steps": 0, "rollbacks": 0, "stops": 0, "resumes": 0,
+                                      "rolled_back_at": None, "data_manifest_sha256": self.data.manifest_sha256}
+        self.streak = 0
+        self.data_digest = ""  # hash chain over the sample keys this rank consumed: a fingerprint of its stream
+        self.samples_seen = 0
+
+    def note_data(self, keys: list[str]) -> None:
+        self.data_digest = hashlib.sha256("\n".join([self.data_digest, *keys]).encode()).hexdigest()
+        self.samples_seen += len(keys)
+
+    # -- checkpoints
+
+    def save(self) -> Path:
+        sync_buffers(self.family.modules())
+        rank_state = {"rank": self.acc.process_index, "loader": self.loader.state_dict(),
+                      "data_digest": self.data_digest, "samples_seen": self.samples_seen,
+                      "params_digest": params_digest(self.family.modules())}
+        return save_checkpoint(self.acc, self.ckpt_dir, self.state["step"], self.state, rank_state,
+                               self.cfg.train.keep_checkpoints)
+
+    def restore(self, path: Path, with_data: bool = True) -> None:
+        trainer_state, rank_state = load_checkpoint(self.acc, path)
+        self.state.update(trainer_state)
+        self.family.after_restore()
+        if with_data:
+            self.loader.load_state_dict(rank_state["loader"])
+            self.data_digest = rank_state["data_digest"]
+            self.samples_seen = rank_state["samples_seen"]
+
+    # -- the loop
+
+    def run(self) -> int:
+        cfg, acc = self.cfg, self.acc
+        resume = pick_checkpoint(cfg.train.resume, self.ckpt_dir)
+        if resume is not None:
+            self.restore(resume)
+            self.state["resumes"] += 1
+            log.info("resumed from %s (step %d, epoch %d)", resume, self.state["step"], self.loader.epoch)
+        tracker = Tracker(self.dir, acc.is_main_process, cfg.train.steps, self.state["step"])
+        sums: dict[str, float] = defaultdict(float)
+        counted = 0
+        timing = {"data": 0.0, "total": 0.0, "images": 0}
+        batches = endless(self.loader)
+        try:
+            with StopRequest() as stop:
+                while self.state["step"] < cfg.train.steps:
+                    t0 = time.perf_counter()
+                    result = None
+                    for _ in range(cfg.train.grad_accum):
+                        t_wait = time.perf_counter()
+                        batch = next(batches)
+                        timing["data"] += time.perf_counter() - t_wait
+                        self.note_data(batch["key"])
+                        images = to_network(batch["image"].to(acc.device, non_blocking=True), cfg.model.resolution)
+                        labels = batch["label"].to(acc.device, non_blocking=True)
+                        result = self.family.train_step(images, labels, self.state["step"])
+                        timing["images"] += images.shape[0]
+                    stop_now, nonfinite = all_agree([stop.requested, result.nonfinite], acc.device)
+                    self.state["step"] += 1
+                    step = self.state["step"]
+                    timing["total"] += time.perf_counter() - t0
+                    if nonfinite:
+                        self.on_nonfinite()
+                    else:
+                        self.streak = 0
+                        for key, value in result.metrics.items():
+                            sums[key] += float(value)
+                        counted += 1
+                    tracker.advance()
+                    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                        self.log_scalars(tracker, step, sums, counted, timing)
+                        sums, counted = defaultdict(float), 0
+                        timing = {"data": 0.0, "total": 0.0, "images": 0}
+                    if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+                        tracker.grid(step, "samples", self.family.sample_grid())
+                    if stop_now:
+                        self.state["stops"] += 1
+                        path = self.save()
+                        log.warning("stop requested (%s on some rank): saved %s on every rank; exiting with %d "
+                                    "so the scheduler can requeue", stop.name if stop.requested else "signal",
+                                    path, REQUEUE_EXIT_CODE)
+                        return REQUEUE_EXIT_CODE
+                    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                        self.save()
+                        tracker.flush()
+        finally:
+            tracker.close()
+        self.write_export()
+        return 0
+
+    def on_nonfinite(self) -> None:
+        self.streak += 1
+        self.state["nonfinite_steps"] += 1
+        log.warning("step %d: non-finite loss; step skipped (%d in a row)", self.state["step"], self.streak)
+        if self.streak < self.cfg.train.max_nonfinite:
+            return
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None or self.state.get("rolled_back_at") == path.name:
+            raise TrainingDiverged(
+                f"loss was NaN/Inf for {self.streak} steps in a row at step {self.state['step']}"
+                + (f", again after rolling back to {path.name}" if path else " with no checkpoint to roll back to")
+                + "; lower the learning rates (gan.lr_g / gan.lr_d), enable train.grad_clip, or check the data")
+        log.warning("rolling back to %s; the data stream moves on past the batches that failed", path)
+        self.restore(path, with_data=False)
+        self.state["rolled_back_at"] = path.name
+        self.state["rollbacks"] += 1
+        self.streak = 0
+
+    def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
+                    timing: dict[str, float]) -> None:
+        values = {k: v / max(counted, 1) for k, v in sums.items()}
+        values.update(self.family.learning_rates())
+        total = max(timing["total"], 1e-9)
+        values["perf/samples_per_s"] = timing["images"] * self.acc.num_processes / total
+        values["perf/data_wait_fraction"] = timing["data"] / total
+        values["health/nonfinite_steps"] = self.state["nonfinite_steps"]
+        values["health/corrupt_samples"] = self.loader.corrupt
+        tracker.scalars(step, values)
+
+    def write_export(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        tensors, config = self.family.export()
+        config.update({"step": self.state["step"], "run": self.cfg.run.name, "seed": self.cfg.run.seed,
+                       "classes": self.data.classes, "num_classes": self.data.num_classes,
+                       "image": {"height": self.data.height, "width": self.data.width,
+                                 "channels": self.data.channels},
+                       "data": {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256},
+                       "trained_with": f"gensynth {__version__}"})
+        save_export(self.dir / "export", tensors, config)
+        log.info("export written: %s", self.dir / "export")
+
+
+def train(cfg: Config) -> int:
+    return Run(cfg).run()

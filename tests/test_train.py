@@ -1,0 +1,275 @@
+"""The training loop with the GAN family, for real: subprocesses, kill -9, signals, gloo ranks.
+
+A tiny config (8x8 toy images, 8-channel nets) keeps each step to milliseconds, so these tests
+exercise the loop's machinery (checkpoint, resume, signals, logging, export), not image quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gensynth.export import ExportError, load_export
+from gensynth.models.dcgan import Generator
+from gensynth.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from gensynth.train.signals import REQUEUE_EXIT_CODE
+from tests.conftest import free_port, write_shard_set
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("train") / "toy"
+    write_shard_set(folder, [40, 33, 30])
+    return str(folder)
+
+
+def tiny_config(tmp_path: Path, data: str, **overrides) -> Path:
+    cfg = {
+        "run": {"name": "tiny", "root": str(tmp_path / "runs"), "seed": 0},
+        "data": {"train": data, "mode": "resampled", "num_workers": 0, "shuffle_buffer": 16},
+        "model": {"family": "gan", "resolution": 8},
+        "gan": {"z_dim": 16, "g_channels": 8, "d_channels": 8, "max_channels": 16, "ema_kimg": 0.1},
+        "train": {"steps": 30, "batch_size": 8, "log_every": 5, "sample_every": 10, "checkpoint_every": 10,
+                  "threads": 1},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"tiny-{len(list(tmp_path.glob('tiny-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+
+
+def gensynth(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gensynth", *args], env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_dir(config: Path) -> Path:
+    cfg = yaml.safe_load(config.read_text())
+    return Path(cfg["run"]["root"]) / cfg["run"]["name"]
+
+
+def rank_state(checkpoint: Path, rank: int = 0) -> dict:
+    return json.loads((checkpoint / f"rank{rank}.json").read_text())
+
+
+def test_kill9_then_resume_equals_an_uninterrupted_run(toy_data, tmp_path):
+    steps = 300
+    reference = tiny_config(tmp_path / "a", toy_data, train__steps=steps, train__checkpoint_every=20)
+    done = gensynth("train", str(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tiny_config(tmp_path / "b", toy_data, train__steps=steps, train__checkpoint_every=20)
+    target = random.Random().randrange(40, 200, 20)  # a random checkpointed step to kill after
+    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(killed)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir(killed) / "checkpoints"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(ckpts)
+    killed_at = int(last.name.split("-")[1])
+    assert killed_at < steps and not (run_dir(killed) / "export").exists()
+
+    resumed = gensynth("train", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last}" in resumed.stderr
+    # bitwise: same weights (generator EMA export) and the same data stream, key for key
+    a, _ = load_export(run_dir(reference))
+    b, _ = load_export(run_dir(killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final_a = latest_checkpoint(run_dir(reference) / "checkpoints")
+    final_b = latest_checkpoint(run_dir(killed) / "checkpoints")
+    assert rank_state(final_a)["data_digest"] == rank_state(final_b)["data_digest"]
+    assert rank_state(final_a)["params_digest"] == rank_state(final_b)["params_digest"]
+    assert json.loads((final_b / "trainer.json").read_text())["resumes"] == 1
+
+
+def test_half_written_checkpoint_is_ignored(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=10)
+    assert gensynth("train", str(config)).returncode == 0
+    ckpts = run_dir(config) / "checkpoints"
+    broken = ckpts / "step-00000020"  # newer, but a crash left it without its COMPLETE marker
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    (broken / "trainer.json").write_text("{")
+    assert latest_checkpoint(ckpts).name == "step-00000010"
+    more = gensynth("train", str(config), "train.steps=15")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from" in more.stderr and "step-00000010" in more.stderr
+
+
+def test_tensorboard_events_hold_scalars_and_sample_grids(toy_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tmp_path, toy_data, train__steps=20)
+    assert gensynth("train", str(config)).returncode == 0
+    events = EventAccumulator(str(run_dir(config) / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss/d", "loss/g", "lr/g", "lr/d", "grad_norm/d", "grad_norm/g", "perf/samples_per_s",
+                "perf/data_wait_fraction"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("loss/d")] == [5, 10, 15, 20]
+    grids = events.Images("samples")
+    assert [g.step for g in grids] == [10, 20]
+    assert grids[0].height == 10 * (8 + 2) + 2  # one row per class, 8x8 images, 2 px padding
+    assert sorted(p.name for p in (run_dir(config) / "samples").iterdir()) == [
+        "samples-step-00000010.png", "samples-step-00000020.png"]
+
+
+def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=10)
+    assert gensynth("train", str(config)).returncode == 0
+    tensors, export_cfg = load_export(run_dir(config))
+    assert export_cfg["family"] == "gan" and export_cfg["step"] == 10
+    assert export_cfg["classes"] == [f"c{i}" for i in range(10)] and export_cfg["data"]["manifest_sha256"]
+    fresh = Generator(**export_cfg["architecture"])
+    fresh.load_state_dict(tensors)
+    ema_state = torch.load(latest_checkpoint(run_dir(config) / "checkpoints") / "custom_checkpoint_0.pkl",
+                           weights_only=True)["model"]
+    ema = Generator(**export_cfg["architecture"])
+    ema.load_state_dict(ema_state)
+    z, y = torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 10
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(z, y), ema.eval()(z, y))
+    weights = run_dir(config) / "export" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="does not match"):
+        load_export(run_dir(config))
+
+
+def test_nonfinite_loss_rolls_back_then_stops_with_a_clear_message(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=10)
+    assert gensynth("train", str(config)).returncode == 0
+    blown = gensynth("train", str(config), "train.steps=40", "gan.lr_d=1e30", "gan.lr_g=1e30",
+                     "train.max_nonfinite=3")
+    assert blown.returncode == 1, blown.stderr[-3000:]
+    assert "rolling back to" in blown.stderr and "step-00000010" in blown.stderr
+    assert "NaN/Inf" in blown.stderr and "again after rolling back" in blown.stderr
+    assert "Traceback" not in blown.stderr
+
+
+def test_learning_rate_override_applies_on_resume(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=10)
+    assert gensynth("train", str(config)).returncode == 0
+    more = gensynth("train", str(config), "train.steps=15", "gan.lr_g=1e-3")
+    assert more.returncode == 0 and "lr/g=0.001 " in more.stderr
+
+
+# -- real torch.distributed (gloo) under accelerate launch
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launch_cmd(config: Path, *overrides: str, machines: int = 1, machine_rank: int = 0, port: int) -> list[str]:
+    if machines == 1:
+        head = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
+                "--main_process_port", str(port)]
+    else:
+        head = [*ACCELERATE, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    return [*head, "-m", "gensynth", "train", str(config), *overrides]
+
+
+def run_launches(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen(c, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for c in commands]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("a launch hung")
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("machines", [1, 2], ids=["2proc", "2nodes"])
+def test_ranks_end_identical_having_seen_different_data(toy_data, tmp_path, machines):
+    config = tiny_config(tmp_path, toy_data, train__steps=12)
+    port = free_port()
+    results = run_launches([launch_cmd(config, machines=machines, machine_rank=r, port=port)
+                            for r in range(machines)])
+    for r in results:
+        assert r.returncode == 0, r.stdout[-4000:]
+    last = latest_checkpoint(run_dir(config) / "checkpoints")
+    r0, r1 = rank_state(last, 0), rank_state(last, 1)
+    assert r0["params_digest"] == r1["params_digest"], "ranks hold different weights"
+    assert r0["data_digest"] != r1["data_digest"], "ranks consumed the same data"
+    assert (r0["loader"]["rank"], r1["loader"]["rank"]) == (0, 1) and r0["loader"]["world_size"] == 2
+    assert r0["samples_seen"] == r1["samples_seen"] == 12 * 8
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.multiprocess
+def test_sigusr1_makes_both_ranks_save_and_exit_for_requeue_then_resume(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=100000, train__log_every=1,
+                         train__checkpoint_every=100000)
+    proc = subprocess.Popen(launch_cmd(config, port=free_port()), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any("step 5/" in line for line in list(lines)):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGUSR1)  # one rank only: the all-reduce tells the other
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode != 0
+    assert out.count(f"exitcode  : {REQUEUE_EXIT_CODE}") + out.count(f"exitcode: {REQUEUE_EXIT_CODE}") >= 1, out[-3000:]
+    saved = latest_checkpoint(run_dir(config) / "checkpoints")
+    assert saved is not None and (saved / COMPLETE).is_file()
+    assert (saved / "rank0.json").is_file() and (saved / "rank1.json").is_file()
+    step = int(saved.name.split("-")[1])
+    assert json.loads((saved / "trainer.json").read_text())["stops"] == 1
+    # requeued: the same command continues from that checkpoint and finishes
+    results = run_launches([launch_cmd(config, f"train.steps={step + 3}", port=free_port())])
+    assert results[0].returncode == 0, results[0].stdout[-4000:]
+    assert f"resumed from {saved}" in results[0].stdout
+    final = latest_checkpoint(run_dir(config) / "checkpoints")
+    assert final.name == f"step-{step + 3:08d}"
+    assert rank_state(final, 0)["params_digest"] == rank_state(final, 1)["params_digest"]
+    assert rank_state(final, 0)["samples_seen"] == (step + 3) * 8
