@@ -1,0 +1,23 @@
+"""The README's Python examples run as written (on a small shard set at the paths they name)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_shard_set
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_shard_set(tmp_path / "data" / "fashion" / "train", [300, 211, 250])
+    exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})
