@@ -68,6 +68,8 @@ class GANConfig:
     loss: str = option("hinge", "hinge (Lim & Ye 2017; SNGAN, BigGAN) or nonsaturating (Goodfellow et al. 2014)",
                        choices=("hinge", "nonsaturating"))
     spectral_norm: bool = option(True, "spectral norm in the discriminator (Miyato et al. 2018)")
+    mbstd_group: int = option(4, "minibatch standard deviation over groups of N in the discriminator, against "
+                              "mode collapse (Karras et al. 2018); 1 = off", min=1)
     r1_gamma: float = option(0.0, "R1 penalty weight on real images (Mescheder et al. 2018); 0 = off", min=0.0)
     r1_interval: int = option(16, "lazy regularization: R1 every N steps, scaled by N (Karras et al. 2020)", min=1)
     ema_kimg: float = option(10.0, "generator EMA half-life in thousands of images (Karras et al. 2020)", min=0.0)
@@ -75,16 +77,17 @@ class GANConfig:
                                "0 = no ramp-up", min=0.0)
     diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
                               "(Zhao et al. 2020); empty = off")
-    lr_g: float = option(2e-4, "generator learning rate; TTUR: G and D rates set apart (Heusel et al. 2017)",
-                         min=0.0)
-    lr_d: float = option(2e-4, "discriminator learning rate", min=0.0)
-    beta1: float = option(0.5, "Adam beta1, 0.5 as in DCGAN (Radford et al. 2016)", min=0.0, max=1.0)
-    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
+    lr_g: float = option(1e-4, "generator learning rate; TTUR: D learns faster than G (Heusel et al. 2017; "
+                         "1e-4 / 4e-4 as in SAGAN, Zhang et al. 2019)", min=0.0)
+    lr_d: float = option(4e-4, "discriminator learning rate", min=0.0)
+    beta1: float = option(0.0, "Adam beta1; 0 as in SAGAN/BigGAN (DCGAN's 0.5 collapsed each class to one "
+                          "image here)", min=0.0, max=1.0)
+    beta2: float = option(0.9, "Adam beta2, 0.9 as in SAGAN", min=0.0, max=1.0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = option(2000, "optimizer steps in the whole run (a resumed run continues to this count)", min=0)
+    steps: int = option(1500, "optimizer steps in the whole run (a resumed run continues to this count)", min=0)
     batch_size: int = option(128, "samples per step on each process (x processes x grad_accum = global)", min=1)
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", min=1)
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 and bf16 need CUDA; fp16 uses a grad scaler)",

@@ -79,9 +79,26 @@ class Generator(nn.Module):
         return torch.tanh(self.to_image(h))
 
 
+class MinibatchStd(nn.Module):
+    """Append the mean standard deviation over groups of samples as one more feature map, so the
+    discriminator can see a batch that lacks variety (Karras et al. 2018, ProGAN)."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = math.gcd(self.group, n)
+        y = x.reshape(g, n // g, c, h, w)
+        std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [n // g]
+        std = std.repeat(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+        return torch.cat([x, std], dim=1)
+
+
 class Discriminator(nn.Module):
     def __init__(self, num_classes: int = 10, resolution: int = 32, channels: int = 1, base_channels: int = 64,
-                 max_channels: int = 256, spectral: bool = True):
+                 max_channels: int = 256, spectral: bool = True, mbstd_group: int = 4):
         super().__init__()
         k = check_resolution(resolution)
         sn = spectral_norm if spectral else (lambda m: m)
@@ -92,8 +109,10 @@ class Discriminator(nn.Module):
             cin = channels_at(r, resolution, base_channels, max_channels)
             cout = channels_at(r // 2, resolution, base_channels, max_channels)
             layers += [sn(nn.Conv2d(cin, cout, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)
         c4 = channels_at(4, resolution, base_channels, max_channels)
+        if mbstd_group > 1:
+            layers += [MinibatchStd(mbstd_group), sn(nn.Conv2d(c4 + 1, c4, 3, padding=1)), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)
         self.score = sn(nn.Linear(c4, 1))
         self.project = sn(nn.Embedding(num_classes, c4))
 

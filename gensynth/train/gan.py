@@ -47,7 +47,8 @@ class GANTrainer:
                          channels=data.channels, base_channels=g.g_channels, max_channels=g.max_channels)
         G = Generator(**self.arch)
         D = Discriminator(num_classes=data.num_classes, resolution=cfg.model.resolution, channels=data.channels,
-                          base_channels=g.d_channels, max_channels=g.max_channels, spectral=g.spectral_norm)
+                          base_channels=g.d_channels, max_channels=g.max_channels, spectral=g.spectral_norm,
+                          mbstd_group=g.mbstd_group)
         opt_g = torch.optim.Adam(G.parameters(), lr=g.lr_g, betas=(g.beta1, g.beta2))
         opt_d = torch.optim.Adam(D.parameters(), lr=g.lr_d, betas=(g.beta1, g.beta2))
         self.G, self.D, self.opt_g, self.opt_d = accelerator.prepare(G, D, opt_g, opt_d)
