@@ -46,13 +46,17 @@ def clip_and_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.o
                   max_norm: float) -> torch.Tensor:
     """Clip (or just measure) the gradient norm, step unless it is non-finite, zero the gradients.
 
-    With fp16 the optimizer steps anyway: the grad scaler skips an overflowing update itself and
-    lowers its scale. Off the last micro-batch of an accumulation, Accelerate makes step a no-op.
+    fp16 with two optimizers and Accelerate's one GradScaler: unscale only THIS optimizer's
+    gradients (accelerator.clip_grad_norm_ would unscale every optimizer), then step; the scaler
+    skips an overflowing update itself, lowers its scale and resets, ready for the other optimizer's
+    backward. Off the last micro-batch of an accumulation, Accelerate makes step a no-op.
     """
     norm = torch.tensor(0.0)
     if accelerator.sync_gradients:
-        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-        norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
+        if accelerator.scaler is not None:
+            accelerator.unscale_gradients(optimizer=optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+        norm = norm.detach().float()
         if torch.isfinite(norm) or accelerator.scaler is not None:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
