@@ -30,7 +30,7 @@ system:
 setup: $(STAMP) system
 
 demo: setup
-	$(BIN)/gensynth demo
+	$(BIN)/gensynth demo --config configs/gan_fashion.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check gensynth tests bench
@@ -40,6 +40,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
+	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
 
 clean:
 	rm -rf $(VENV) data runs reports bench/results .pytest_cache

@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on Fashion-MNIST (Debian's dataset-fashion-mnist)")
     p.add_argument("--data", default="data/fashion", help="where the shards go (default data/fashion)")
     p.add_argument("--source-dir", default="/usr/share/datasets/fashion-mnist", help="the IDX files")
-    p.add_argument("--num-workers", type=int, default=2, help="loader workers")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers for the streaming check")
+    p.add_argument("--config", help="training config, e.g. configs/gan_fashion.yaml (default: the built-in "
+                   "defaults of gensynth/config.py)")
+    p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     return parser
 
 
@@ -88,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from gensynth.demo import run_demo
 
-        run_demo(args.data, args.source_dir, args.num_workers)
-        return 0
+        return run_demo(args.data, args.source_dir, args.num_workers, args.config, args.overrides)
     raise AssertionError(args.command)
 
 
