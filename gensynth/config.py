@@ -96,6 +96,7 @@ class TrainConfig:
     resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
     log_every: int = option(50, "steps between scalar logs", min=1)
     sample_every: int = option(500, "steps between sample grids (fixed noise, one row per class)", min=1)
+    eval_every: int = option(500, "steps between in-training metrics (eval.metrics); 0 = off", min=0)
     checkpoint_every: int = option(500, "steps between checkpoints (one is always written at the end)", min=1)
     keep_checkpoints: int = option(3, "complete checkpoints kept (the newest K)", min=1)
     max_nonfinite: int = option(5, "non-finite steps in a row before rolling back to the last checkpoint",
@@ -105,12 +106,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    metrics: list[str] = option(["variety", "mean_gap"], "metric plug-ins run every train.eval_every steps "
+                                "(gensynth/evaluate/metrics.py)")
+    num_samples: int = option(1000, "generated (and real) samples per in-training evaluation, balanced over "
+                              "classes", min=10)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------

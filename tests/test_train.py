@@ -44,7 +44,8 @@ def tiny_config(tmp_path: Path, data: str, **overrides) -> Path:
         "model": {"family": "gan", "resolution": 8},
         "gan": {"z_dim": 16, "g_channels": 8, "d_channels": 8, "max_channels": 16, "ema_kimg": 0.1},
         "train": {"steps": 30, "batch_size": 8, "log_every": 5, "sample_every": 10, "checkpoint_every": 10,
-                  "threads": 1},
+                  "eval_every": 10, "threads": 1},
+        "eval": {"num_samples": 50},
     }
     for key, value in overrides.items():
         section, name = key.split("__")
@@ -133,8 +134,9 @@ def test_tensorboard_events_hold_scalars_and_sample_grids(toy_data, tmp_path):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("loss/d", "loss/g", "lr/g", "lr/d", "grad_norm/d", "grad_norm/g", "perf/samples_per_s",
-                "perf/data_wait_fraction"):
+                "perf/data_wait_fraction", "eval/variety", "eval/mean_gap"):
         assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("eval/variety")] == [10, 20]
     assert [e.step for e in events.Scalars("loss/d")] == [5, 10, 15, 20]
     grids = events.Images("samples")
     assert [g.step for g in grids] == [10, 20]

@@ -125,6 +125,11 @@ class GANTrainer:
         x = self.ema.model(z.to(device), labels.to(device))
         return to_uint8(x, self.data.height, self.data.width).cpu()
 
+    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """uint8 samples of the given labels, with noise drawn from `seed` (not the global RNG)."""
+        z = torch.randn(len(labels), self.cfg.gan.z_dim, generator=torch.Generator().manual_seed(seed))
+        return self.sample(z, labels)
+
     def sample_grid(self) -> np.ndarray:
         images = self.sample(self.grid_z, self.grid_labels)
         return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)

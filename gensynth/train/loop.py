@@ -30,6 +30,7 @@ from gensynth.config import Config, dump_yaml
 from gensynth.data.manifest import manifest_sha256
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import GensynthError, UsageError
+from gensynth.evaluate.metrics import check_metrics, evaluate
 from gensynth.export import save_export
 from gensynth.imaging import to_network
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -100,6 +101,7 @@ class Run:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        check_metrics(cfg.eval.metrics)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.acc = build_accelerator(cfg)
@@ -121,6 +123,7 @@ class Run:
         self.state: dict[str, Any] = {"step": 0, "nonfinite_steps": 0, "rollbacks": 0, "stops": 0, "resumes": 0,
                                       "rolled_back_at": None, "data_manifest_sha256": self.data.manifest_sha256}
         self.streak = 0
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # real samples for eval metrics
         self.data_digest = ""  # hash chain over the sample keys this rank consumed: a fingerprint of its stream
         self.samples_seen = 0
 
@@ -193,6 +196,8 @@ class Run:
                         timing = {"data": 0.0, "total": 0.0, "images": 0}
                     if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                         tracker.grid(step, "samples", self.family.sample_grid())
+                    if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                        self.evaluate(tracker, step)
                     if stop_now:
                         self.state["stops"] += 1
                         path = self.save()
@@ -225,6 +230,25 @@ class Run:
         self.state["rolled_back_at"] = path.name
         self.state["rollbacks"] += 1
         self.streak = 0
+
+    def evaluate(self, tracker: Tracker, step: int) -> None:
+        """The eval.metrics plug-ins on the main process, on fixed noise and a fixed real sample."""
+        if self.acc.is_main_process:
+            n = self.cfg.eval.num_samples
+            if self.reference is None:
+                images, labels = [], []
+                for batch in ShardLoader(self.cfg.data.train, batch_size=min(n, 500), mode="exact", rank=0,
+                                         world_size=1, seed=self.cfg.run.seed, decode_meta=False):
+                    images.append(batch["image"])
+                    labels.append(batch["label"])
+                    if sum(map(len, labels)) >= n:
+                        break
+                self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
+            fake_labels = torch.arange(n) % self.data.num_classes
+            fake = self.family.generate(fake_labels, seed=self.cfg.run.seed + 1)
+            values = evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference)
+            tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+        self.acc.wait_for_everyone()
 
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
                     timing: dict[str, float]) -> None:
