@@ -2,7 +2,9 @@
 
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
+    gensynth submit train configs/gan_fashion.yaml --nodes 2 --gpus-per-node 8 --partition p [--dry-run | --wait]
     gensynth inspect data/fashion/train --verify
+    gensynth inspect runs/x
     gensynth demo
 
 Exit codes: 0 success, 2 usage or config error (one line, no traceback), 1 runtime failure.
@@ -11,8 +13,10 @@ Exit codes: 0 success, 2 usage or config error (one line, no traceback), 1 runti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
 from gensynth import __version__
 from gensynth.errors import GensynthError
@@ -20,6 +24,21 @@ from gensynth.errors import GensynthError
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> None:
+    """One --flag per field of `schema` (gensynth.cluster.SlurmOptions), its help and default from the field."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f" (default {default})" if default not in ("", 0, []) else ""
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, action="append", default=None, metavar="X", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
+                                help=f.metadata["help"] + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML, e.g. configs/gan_fashion.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=2000 run.name=x")
 
-    p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
-    p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
+    p = sub.add_parser("submit", help="submit a job to SLURM through submitit (see README, SLURM)",
+                       description="Submit to SLURM: one task per process, requeued on preemption and time limits.")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
+    from gensynth.cluster import SlurmOptions
+
+    p = jobs.add_parser("train", help="a training run over --nodes x --tasks-per-node processes",
+                        description="Train CONFIG on SLURM. Each task runs the training loop with torch.distributed "
+                        "set up from SLURM's environment; on SIGTERM/SIGUSR2 every rank checkpoints and the job "
+                        "is requeued and resumes. Options may come before or after the overrides.")
+    p.add_argument("config", help="experiment YAML, e.g. configs/gan_fashion.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=2000 run.name=x")
+    add_dataclass_options(p, SlurmOptions)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the command; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job is done (through requeues), then "
+                   "print the result")
+
+    p = sub.add_parser("inspect", help="describe a shard set, shard, config or run directory; --verify re-hashes "
+                       "every shard")
+    p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, a YAML config, "
+                   "or a run directory (runs/<name>)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 and size against the manifest")
 
@@ -82,6 +119,21 @@ def run(args: argparse.Namespace) -> int:
         from gensynth.train.loop import train
 
         return train(load_config(args.config, args.overrides))
+    if args.command == "submit":
+        from gensynth import cluster
+
+        opts = cluster.options_from(vars(args))
+        sub = cluster.submit_train(args.config, args.overrides, opts, dry_run=args.dry_run)
+        if args.dry_run:
+            print("dry run: nothing submitted")
+            print("\n".join(sub.describe()))
+            print("sbatch script (written by submitit):")
+            print(sub.script, end="")
+            return 0
+        print("\n".join(sub.describe()), flush=True)
+        if args.wait:
+            print("\n".join(cluster.result_lines(sub, cluster.wait(sub))))
+        return 0
     if args.command == "inspect":
         from gensynth.inspection import inspect
 
@@ -97,7 +149,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options (`CONFIG --nodes 2 train.steps=10`); anything else is an error
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
