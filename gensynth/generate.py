@@ -356,7 +356,9 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
     log.info("generating %d of %d shards (%d samples each, worker %d of %d) from a %s export into %s",
              len(mine), job.num_shards, job.shard_size, worker, workers, sampler.family, out)
     start = time.perf_counter()
-    # Draw shard k+1 while a thread encodes and writes shard k (the model's math and zlib release the GIL).
+    # On a GPU, draw shard k+1 while a thread encodes and writes shard k. On the CPU the model's threads
+    # already use every core, and a writer thread beside them stalls their parallel regions: write inline.
+    overlap = sampler.device.type == "cuda"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer:
         pending: Future | None = None
         for k in progress(mine, total=len(mine), desc="generate", unit="shards"):
@@ -366,7 +368,11 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
             images, shard_labels = draw_shard(sampler, job, labels, k)
             if pending is not None:
                 result.add(pending.result())
-            pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, out)
+                pending = None
+            if overlap:
+                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, out)
+            else:
+                result.add(write_shard(sampler, job, k, images, shard_labels, out))
         if pending is not None:
             result.add(pending.result())
     result.seconds = time.perf_counter() - start
