@@ -21,7 +21,7 @@ import sys
 import typing
 
 from gensynth import __version__
-from gensynth.errors import GensynthError
+from gensynth.errors import GensynthError, UsageError
 
 
 def _csv(text: str) -> list[str]:
@@ -37,10 +37,25 @@ def add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> None
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = f" (default {default})" if default not in ("", 0, []) else ""
         if typing.get_origin(kind) is list:
-            parser.add_argument(flag, action="append", default=None, metavar="X", help=f.metadata["help"])
+            parser.add_argument(flag, action="append", default=None, metavar="FLAG", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
+            parser.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else f.name.upper(),
                                 help=f.metadata["help"] + shown)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """What `gensynth generate` and `gensynth submit generate` share: the model, OUT and the sampling plan."""
+    p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
+    p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
+    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
+    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
+    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
+    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
+    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
+    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,22 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw labelled samples from RUN's export into OUT (a folder or s3://bucket/prefix) "
                        "as WebDataset shards, then manifest.json. Deterministic per shard; a rerun finishes a killed "
                        "run. Under `accelerate launch` the shards are split across the processes.")
-    p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
-    p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
-    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
-    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
-    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
-    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
-    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
-    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
-    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
-    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
+    add_generation_arguments(p)
     p.add_argument("--task", type=int, default=0, help="this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--tasks", type=int, default=1, help="number of array tasks; with more than 1, no manifest is "
                    "written: run --finalize when all are done")
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
 
     p = sub.add_parser("submit", help="submit a job to SLURM through submitit (see README, SLURM)",
                        description="Submit to SLURM: one task per process, requeued on preemption and time limits.")
@@ -108,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the command; submit nothing")
     p.add_argument("--wait", action="store_true", help="block until the job is done (through requeues), then "
                    "print the result")
+
+    p = jobs.add_parser("generate", help="generation as a job array: --array N tasks, then a finalizing job",
+                        description="Generate on SLURM: array task i writes the shards k with k %% N == i (as "
+                        "`gensynth generate ... --task i --tasks N`); a job after the array (afterany) verifies every "
+                        "shard and writes manifest.json. A failed task is resubmitted alone with --task-ids.")
+    add_generation_arguments(p)
+    p.add_argument("--array", type=int, default=1, metavar="N", help="number of array tasks (default 1)")
+    p.add_argument("--task-ids", type=_csv, help="submit only these tasks of the --array N (e.g. 1,3: to redo "
+                   "failed ones), plus the finalizing job")
+    add_dataclass_options(p, SlurmOptions)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the array and the finalizing job are done")
 
     p = sub.add_parser("inspect", help="describe a shard set, shard, config or run directory; --verify re-hashes "
                        "every shard")
@@ -154,6 +171,31 @@ def run(args: argparse.Namespace) -> int:
                           device=args.device)
         if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
+        return 0
+    if args.command == "submit" and args.job == "generate":
+        from gensynth import cluster
+
+        try:
+            task_ids = [int(t) for t in args.task_ids] if args.task_ids else None
+        except ValueError:
+            raise UsageError(f"--task-ids {','.join(args.task_ids)}: expected task numbers, e.g. 1,3") from None
+        gen = {"num": args.num, "per_class": args.per_class, "seed": args.seed, "shard_size": args.shard_size,
+               "encoding": args.encoding, "device": args.device,
+               "options": {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}}
+        gsub = cluster.submit_generate(args.source, args.out, gen, args.array, task_ids,
+                                       cluster.options_from(vars(args)), dry_run=args.dry_run)
+        if args.dry_run:
+            print("dry run: nothing submitted")
+            print("\n".join(gsub.describe()))
+            print("sbatch script of the array (written by submitit):")
+            print(gsub.script, end="")
+            if gsub.finalize_script:
+                print("sbatch script of the finalizing job:")
+                print(gsub.finalize_script, end="")
+            return 0
+        print("\n".join(gsub.describe()), flush=True)
+        if args.wait:
+            print("\n".join(cluster.wait_generation(gsub)))
         return 0
     if args.command == "submit":
         from gensynth import cluster

@@ -153,9 +153,9 @@ def make_executor(folder: str | Path, params: dict[str, Any]):
     return executor
 
 
-def sbatch_script(folder: str | Path, params: dict[str, Any]) -> str:
-    """The sbatch script submitit would write for these parameters, made by submitit itself; works
-    without SLURM on the machine (for --dry-run)."""
+def sbatch_script(folder: str | Path, params: dict[str, Any], array: int = 1) -> str:
+    """The sbatch script submitit would write for these parameters (a job array of `array` tasks when
+    more than 1), made by submitit itself; works without SLURM on the machine (for --dry-run)."""
     from submitit.slurm.slurm import SlurmExecutor
 
     class ScriptOnlyExecutor(SlurmExecutor):
@@ -168,6 +168,8 @@ def sbatch_script(folder: str | Path, params: dict[str, Any]) -> str:
         executor.update_parameters(**params)
     except (ValueError, NameError) as e:
         raise UsageError(f"sbatch parameters rejected by submitit: {e}") from None
+    if array > 1:
+        executor.parameters["map_count"] = array  # what submitit's own array submission sets
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -321,19 +323,19 @@ def checkpoint_step(run_dir: Path) -> int:
 # the submitted callable
 
 
-def job_time(job_id: str) -> tuple[int | None, int | None]:
-    """(seconds run, time limit in seconds) of a running job, from `scontrol show job`; None when unknown."""
-    def seconds(text: str) -> int | None:
-        m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
-        if not m:
-            return None
-        d, h, mi, s = (int(g) if g else 0 for g in m.groups())
-        return ((d * 24 + h) * 60 + mi) * 60 + s
-
+def job_info(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, RunTime, TimeLimit, Restarts, ...); empty when it fails."""
     out = subprocess.run(["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True, timeout=60)
-    run = re.search(r"\bRunTime=(\S+)", out.stdout)
-    limit = re.search(r"\bTimeLimit=(\S+)", out.stdout)
-    return (seconds(run.group(1)) if run else None, seconds(limit.group(1)) if limit else None)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout)) if out.returncode == 0 else {}
+
+
+def duration_s(text: str | None) -> int | None:
+    """SLURM's [D-][HH:]MM:SS -> seconds; None for UNLIMITED or anything else."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text or "")
+    if not m:
+        return None
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
 
 
 class TrainTask:
@@ -399,11 +401,17 @@ class TrainTask:
 
     def requeue(self, run_dir: Path, job_id: str) -> None:
         """Rank 0, after every rank saved: record the stop, then `scontrol requeue` unless over the limit."""
-        ran, limit = job_time(job_id)
+        info = job_info(job_id)
+        ran, limit = duration_s(info.get("RunTime")), duration_s(info.get("TimeLimit"))
         # SLURM may send the time-limit signal up to 60 s before `signal_delay` (sbatch --signal); what
         # arrives earlier than that is a preemption (or a manual `scancel --signal`)
         timed_out = ran is not None and limit is not None and ran >= limit - self.signal_delay - 65
-        reason = "time limit" if timed_out else "preempted"
+        # a job SLURM is already ending (a plain scancel: COMPLETING or CANCELLED) stops here, not requeued;
+        # `scontrol requeue` would accept it and bring it back
+        state = info.get("JobState", "RUNNING")
+        cancelled = state != "RUNNING"
+        reason = ("cancelled" if state in ("COMPLETING", "CANCELLED") else state.lower()) if cancelled else \
+            "time limit" if timed_out else "preempted"
         step = checkpoint_step(run_dir)
         error = None
         with update_record(run_dir) as record:
@@ -412,7 +420,9 @@ class TrainTask:
                     "requeued": False}
             job["stops"].append(stop)
             record.update(step=step, last_checkpoint=stop["checkpoint"])
-            if record["requeues"] >= self.max_requeues:
+            if cancelled:
+                error = f"{reason} (job state {state}) at step {step}, after saving {stop['checkpoint']}; not requeued"
+            elif record["requeues"] >= self.max_requeues:
                 error = (f"stopped ({reason}) at step {step} after {record['requeues']} requeues "
                          f"(--max-requeues {self.max_requeues}); submit again to continue")
             else:
@@ -476,8 +486,10 @@ class Submission:
         return lines
 
 
-def prepare_train(config: str, overrides: list[str] | tuple[str, ...], opts: SlurmOptions) -> tuple[TrainTask, Submission]:
+def prepare_train(config: str, overrides: list[str] | tuple[str, ...],
+                  opts: SlurmOptions) -> tuple[TrainTask, Submission]:
     """Resolve the config (a bad key fails here, not in the queue) and the job's parameters."""
+    check_options(opts)
     cfg: Config = load_config(config, overrides)
     run_dir = Path(cfg.run.root) / cfg.run.name
     folder = opts.log_folder or str(run_dir / "slurm" / "%j")
@@ -505,12 +517,13 @@ def submit_train(config: str, overrides: list[str] | tuple[str, ...], opts: Slur
     return sub
 
 
-def wait(sub: Submission, poll_s: float = 5.0) -> list[dict[str, Any]]:
+def wait(sub: Submission, poll_s: float = 5.0, timeout_s: float | None = None) -> list[dict[str, Any]]:
     """Block until the job is done (through requeues), logging its state changes; every task's result."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     job = sub.job
     shown: tuple = ()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         job.watcher.update()
         state = job.watcher.get_state(job.job_id, mode="cache")
@@ -522,6 +535,8 @@ def wait(sub: Submission, poll_s: float = 5.0) -> list[dict[str, Any]]:
                      record.get("requeues", 0), record.get("step", "?"))
         if job.done():
             break
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailed(f"job {job.job_id} still {state} after {timeout_s:.0f} s (logs: {job.paths.folder})")
         time.sleep(poll_s)
     try:
         return job.results()
@@ -545,6 +560,189 @@ def result_lines(sub: Submission, results: list[dict[str, Any]]) -> list[str]:
             f"{first['accelerator']['num_processes']} processes ({first['accelerator']['distributed_type']}, "
             f"{first['accelerator']['backend']})",
             f"run {sub.run_dir}: last checkpoint {record.get('last_checkpoint')}, export {record.get('export')}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# generation as a job array
+
+
+def requeue_self(job_id: str, max_requeues: int) -> None:
+    """Requeue this job (or array element) after a graceful stop, up to `max_requeues` times."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        raise JobFailed(f"stopped after {restarts} requeues (--max-requeues {max_requeues}); submit again to finish")
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise JobFailed(f"stopped; scontrol requeue {job_id} refused: {(out.stderr or out.stdout).strip()}")
+    log.warning("job %s requeued; it continues with the shards still missing", job_id)
+
+
+class GenerateTask:
+    """What array task i of a generation job runs: its shards (k % tasks == i), no manifest. Several SLURM
+    tasks per array task split that share again (torch.distributed environment, as for training)."""
+
+    def __init__(self, source: str, out: str, tasks: int, kwargs: dict[str, Any], max_requeues: int):
+        self.source, self.out, self.tasks, self.kwargs = source, out, tasks, kwargs
+        self.max_requeues = max_requeues
+
+    def __call__(self, task: int) -> dict[str, Any]:
+        with EarlySignals():
+            if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+                os.environ.update(distributed_env())
+            from gensynth.generate import GenerationStopped, generate
+
+            try:
+                result = generate(self.source, self.out, task=task, tasks=self.tasks, **self.kwargs)
+            except GenerationStopped as e:  # the shard in progress was finished; the rest is for the requeue
+                log.warning("%s", e)
+                if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+                    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+                    requeue_self(f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"],
+                                 self.max_requeues)
+                sys.exit(REQUEUE_EXIT_CODE)
+        return {"task": task, "generated": result.generated, "skipped": result.skipped, "samples": result.samples,
+                "seconds": result.seconds}
+
+
+class FinalizeTask:
+    """The step after the array: verify every shard against its receipt and write the manifest."""
+
+    def __init__(self, source: str, out: str, kwargs: dict[str, Any]):
+        self.source, self.out, self.kwargs = source, out, kwargs
+
+    def __call__(self) -> list[str]:
+        from gensynth.generate import generate, summary
+
+        return summary(generate(self.source, self.out, finalize_only=True, **{**self.kwargs, "device": "cpu"}))
+
+
+@dataclass
+class GenerationSubmission:
+    """A generation job array (or, with dry_run, its description) and the finalizing job after it."""
+
+    out: str
+    tasks: int
+    task_ids: list[int]
+    array_params: dict[str, Any]
+    finalize_params: dict[str, Any] | None
+    folder: str
+    script: str
+    finalize_script: str | None
+    jobs: list[Any] = dataclasses.field(default_factory=list)  # submitit jobs, one per array task
+    finalize_job: Any = None
+
+    def describe(self) -> list[str]:
+        ids = ",".join(map(str, self.task_ids))
+        lines = [f"out          {self.out}",
+                 f"array        {len(self.task_ids)} of {self.tasks} tasks (ids {ids}); task i writes the shards "
+                 f"k with k % {self.tasks} == i",
+                 "finalize     " + ("a job after the array (--dependency=afterany) verifies every shard and writes "
+                                    "manifest.json" if self.finalize_params else "task 0 writes manifest.json itself"),
+                 f"log folder   {self.folder}"]
+        if self.jobs:
+            array_id = self.jobs[0].job_id.split("_")[0]
+            lines.insert(0, f"jobs         array {array_id}" + (f", finalize {self.finalize_job.job_id}"
+                                                                   if self.finalize_job else "") + " submitted")
+        return lines
+
+
+def prepare_generate(source: str, out: str, gen: dict[str, Any], tasks: int, task_ids: list[int] | None,
+                     opts: SlurmOptions) -> tuple[GenerateTask, FinalizeTask | None, GenerationSubmission]:
+    """Check the generation arguments here (a bad one fails now, not in the queue), then build the job."""
+    from gensynth.generate import build_job
+    from gensynth.sampling import load_sampler
+
+    check_options(opts)
+    if tasks < 1:
+        raise UsageError(f"--array {tasks}: need at least 1 task")
+    ids = sorted(set(task_ids)) if task_ids else list(range(tasks))
+    if any(not 0 <= i < tasks for i in ids):
+        raise UsageError(f"--task-ids {','.join(map(str, task_ids or []))}: each must be in 0..{tasks - 1} "
+                         f"(--array {tasks})")
+    sampler = load_sampler(source, device="cpu")
+    job = build_job(sampler, source, gen.get("num"), gen.get("per_class"), gen.get("seed", 0),
+                    gen.get("shard_size", 5000), gen.get("encoding", "png"), gen.get("options") or {})
+    if tasks > job.num_shards:
+        raise UsageError(f"--array {tasks}: the job has only {job.num_shards} shards; use at most that many tasks")
+    folder = opts.log_folder or str(Path("slurm-logs") / "%j")
+    array_params = sbatch_parameters(opts, opts.job_name or "gensynth-generate")
+    task = GenerateTask(source, out, tasks, gen, opts.max_requeues)
+    final = None
+    finalize_params = None
+    if tasks > 1:
+        final = FinalizeTask(source, out, gen)
+        finalize_params = {**sbatch_parameters(dataclasses.replace(opts, nodes=1, tasks_per_node=1, gpus_per_node=0),
+                                               opts.job_name or "gensynth-finalize"),
+                           "dependency": "afterany:ARRAY_JOB_ID"}
+    sub = GenerationSubmission(out, tasks, ids, array_params, finalize_params, folder,
+                               script=sbatch_script(folder, array_params, array=len(ids)),
+                               finalize_script=sbatch_script(folder, finalize_params) if finalize_params else None)
+    return task, final, sub
+
+
+def submit_generate(source: str, out: str, gen: dict[str, Any], tasks: int, task_ids: list[int] | None,
+                    opts: SlurmOptions, dry_run: bool = False) -> GenerationSubmission:
+    """Submit array tasks (all, or only `task_ids`: a failed task is resubmitted alone) and, for more
+    than one task, the finalizing job that runs when they have all ended."""
+    task, final, sub = prepare_generate(source, out, gen, tasks, task_ids, opts)
+    if dry_run:
+        return sub
+    executor = make_executor(sub.folder, sub.array_params)
+    with executor.batch():
+        jobs = [executor.submit(task, i) for i in sub.task_ids]
+    sub.jobs = jobs
+    if final is not None:
+        array_id = jobs[0].job_id.split("_")[0]
+        sub.finalize_params["dependency"] = f"afterany:{array_id}"
+        sub.finalize_job = make_executor(sub.folder, sub.finalize_params).submit(final)
+    log.info("submitted array %s of %d task(s)%s", jobs[0].job_id.split("_")[0], len(jobs),
+             f", finalize job {sub.finalize_job.job_id}" if sub.finalize_job else "")
+    return sub
+
+
+def wait_generation(sub: GenerationSubmission, poll_s: float = 5.0, timeout_s: float | None = None) -> list[str]:
+    """Block until the array and the finalizing job are done; the summary lines (or JobFailed naming the
+    tasks to resubmit)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    everything = [*sub.jobs, *([sub.finalize_job] if sub.finalize_job else [])]
+    watcher = everything[0].watcher
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        watcher.update()
+        if all(job.done() for job in everything):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailed(f"generation jobs still running after {timeout_s:.0f} s (logs: {sub.folder})")
+        time.sleep(poll_s)
+    failed = []
+    results = []
+    for task_id, job in zip(sub.task_ids, sub.jobs):
+        try:
+            results.append(job.result())
+        except (FailedJobError, UncompletedJobError) as e:
+            failed.append(f"task {task_id} (job {job.job_id}, {job.state}): {last_error_line(str(e))}")
+    if failed:
+        ids = ",".join(str(t) for t, j in zip(sub.task_ids, sub.jobs) if j.state != "COMPLETED")
+        raise JobFailed("; ".join(failed) + f". Resubmit them alone with the same arguments and --task-ids {ids}")
+    lines = [f"task {r['task']}: {r['generated']} shards generated, {r['skipped']} already there"
+             for r in results]
+    if sub.finalize_job is None:
+        return lines
+    try:
+        return lines + sub.finalize_job.result()
+    except (FailedJobError, UncompletedJobError) as e:
+        raise JobFailed(f"finalize job {sub.finalize_job.job_id} ({sub.finalize_job.state}): "
+                        f"{last_error_line(str(e))}") from None
+
+
+def check_options(opts: SlurmOptions) -> None:
+    """The minimums declared on SlurmOptions (argparse only checks types)."""
+    for f in dataclasses.fields(SlurmOptions):
+        low = f.metadata.get("min")
+        value = getattr(opts, f.name)
+        if low is not None and value < low:
+            raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be >= {low}")
 
 
 def options_from(values: dict[str, Any]) -> SlurmOptions:

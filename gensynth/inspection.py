@@ -1,6 +1,12 @@
-"""`gensynth inspect URL`: a shard set, a single shard, in a few readable lines; `--verify` re-hashes."""
+"""`gensynth inspect URL`: a shard set, a single shard, a config or a run directory (config, checkpoints,
+export, TensorBoard, SLURM jobs and requeues) in a few readable lines; `--verify` re-hashes shards."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
 
 from gensynth import storage
 from gensynth.config import dump_yaml, load_config
@@ -60,6 +66,59 @@ def describe_shard(url: str, show: int = 3) -> list[str]:
     return lines + examples
 
 
+def is_run_dir(url: str) -> bool:
+    path = Path(url)
+    return "://" not in url and (path / "config.yaml").is_file() and any(
+        (path / name).exists() for name in ("checkpoints", "export", "slurm.json", "tb"))
+
+
+def describe_run(run_dir: str) -> list[str]:
+    """A run directory: its config in one line, checkpoints, export, TensorBoard and SLURM record."""
+    from gensynth.cluster import read_record
+    from gensynth.train.checkpoint import complete_checkpoints
+
+    path = Path(run_dir)
+    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    model, train, data = cfg.get("model", {}), cfg.get("train", {}), cfg.get("data", {})
+    lines = [f"run        {run_dir}",
+             f"config     {model.get('family', '?')} at {model.get('resolution', '?')} px on {data.get('train', '?')}: "
+             f"{train.get('steps', '?')} steps of batch {train.get('batch_size', '?')}, seed "
+             f"{cfg.get('run', {}).get('seed', '?')}, mixed precision {train.get('mixed_precision', '?')}"]
+    found = complete_checkpoints(path / "checkpoints")
+    if found:
+        state = json.loads((found[-1][1] / "trainer.json").read_text())
+        lines.append(f"checkpoint {len(found)} complete, latest checkpoints/{found[-1][1].name}: step {state['step']} "
+                     f"of {train.get('steps', '?')}, {state.get('world_size', 1)} processes; resumes "
+                     f"{state.get('resumes', 0)}, stops by signal {state.get('stops', 0)}, roll-backs "
+                     f"{state.get('rollbacks', 0)}")
+    else:
+        lines.append("checkpoint none yet")
+    export = path / "export" / "config.json"
+    if export.is_file():
+        info = json.loads(export.read_text())
+        lines.append(f"export     export/: step {info.get('step', '?')}, weights sha256 "
+                     f"{str(info.get('weights_sha256', '?'))[:16]}")
+    else:
+        lines.append("export     none yet (written when training finishes)")
+    events = list((path / "tb").glob("events.out.tfevents.*")) if (path / "tb").is_dir() else []
+    lines.append(f"tb         {len(events)} event file(s): tensorboard --logdir {path / 'tb'}")
+    record = read_record(path)
+    if record:
+        jobs = record.get("jobs", [])
+        lines.append(f"slurm      {record.get('state', '?')}: job {', '.join(j['job_id'] for j in jobs) or '-'}, "
+                     f"{record.get('requeues', 0)} requeue(s), last checkpoint {record.get('last_checkpoint') or '-'}")
+        for job in jobs:
+            starts, stops = job.get("starts", []), job.get("stops", [])
+            shape = f"{job.get('nodes', '?')} node(s) x {job.get('tasks_per_node', '?')} task(s)"
+            lines.append(f"  job {job['job_id']}: {job.get('state', '?')}, {shape}, started {len(starts)}x"
+                         + (f" on {starts[-1]['hosts']}" if starts else "") + f", logs {job.get('log_folder', '?')}")
+            lines.extend(f"    stopped ({stop['reason']}) at step {stop['step']}, {stop['checkpoint']}, "
+                         + ("requeued" if stop["requeued"] else "not requeued") for stop in stops)
+        if record.get("error"):
+            lines.append(f"  error: {record['error']}")
+    return lines
+
+
 def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> tuple[list[str], bool]:
     """(lines to print, ok). ok is False when --verify found a problem.
 
@@ -70,6 +129,8 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
         return dump_yaml(load_config(url, overrides)).splitlines(), True
     if overrides:
         raise UsageError(f"key=value overrides apply to a YAML config, not to {url}")
+    if is_run_dir(url):
+        return describe_run(url), True
     if url.endswith(".tar"):
         if not storage.exists(url):
             raise UsageError(f"shard not found: {url}")
@@ -80,7 +141,7 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
             return [f"unfinished generation at {url}: {len(receipts)} shards done, no {MANIFEST_NAME} yet; rerun "
                     "the same `gensynth generate` command (or --finalize once every array task is done)"], False
         raise UsageError(f"nothing to inspect at {url}: expected a shard set (a folder or prefix with "
-                         "manifest.json) or a .tar shard")
+                         "manifest.json), a .tar shard, a YAML config or a run directory (runs/<name>)")
     manifest = read_manifest(url)
     lines = describe_manifest(url, manifest)
     ok = True
