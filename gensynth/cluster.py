@@ -19,6 +19,10 @@ newest checkpoint (`train.resume=auto` is forced from the first requeue on). sub
 `runs/<name>/slurm.json` records every job id, each start (hosts, rank-0 address, checkpoint resumed
 from), each stop (reason, step, checkpoint, requeued or not), the requeue count and the final state;
 `gensynth inspect runs/<name>` shows it.
+
+Generation (`python slurm/generate.py RUN OUT --num N --array 3`): array task i runs
+`gensynth.generate.generate(..., task=i, tasks=N)`; a job that depends on the array (afterany) verifies
+every shard and writes the manifest; `--task-ids` resubmits single tasks.
 """
 
 from __future__ import annotations
@@ -229,10 +233,10 @@ def distributed_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class EarlySignals:
-    """Stop signals that arrive before the training loop listens (start-up, restoring a checkpoint) are
-    held, then sent again to this process once the loop has installed its own handlers; signals after
-    the loop has returned are ignored (submitit's handler, which would requeue from rank 0 alone, is
-    kept out of the way for the whole task)."""
+    """Stop signals that arrive before the work loop (training or generation) listens, during start-up or
+    while a checkpoint is restored, are held, then sent again to this process once the loop has installed
+    its own handlers (StopRequest); signals after the loop has returned are ignored. submitit's handler,
+    which would requeue from global rank 0 alone, is kept out of the way for the whole task."""
 
     def __init__(self) -> None:
         self.pending: int | None = None
@@ -352,7 +356,8 @@ class TrainTask:
 
     def run(self) -> dict[str, Any]:
         dist = distributed_env()
-        os.environ.update(dist)
+        if int(dist["WORLD_SIZE"]) > 1:  # one process: no process group, as `accelerate launch` does it
+            os.environ.update(dist)
         # torchrun's default; set before torch starts its thread pool (train.threads overrides it)
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         job_id = os.environ["SLURM_JOB_ID"]
