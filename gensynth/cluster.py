@@ -300,7 +300,7 @@ def job_entry(record: dict[str, Any], job_id: str) -> dict[str, Any]:
     for job in record["jobs"]:
         if job["job_id"] == job_id:
             return job
-    job = {"job_id": job_id, "starts": [], "stops": []}
+    job = {"job_id": job_id, "starts": [], "stops": [], "requeues": 0}
     record["jobs"].append(job)
     return job
 
@@ -427,8 +427,8 @@ class TrainTask:
             record.update(step=step, last_checkpoint=stop["checkpoint"])
             if cancelled:
                 error = f"{reason} (job state {state}) at step {step}, after saving {stop['checkpoint']}; not requeued"
-            elif record["requeues"] >= self.max_requeues:
-                error = (f"stopped ({reason}) at step {step} after {record['requeues']} requeues "
+            elif job["requeues"] >= self.max_requeues:  # per job: a new submission starts afresh
+                error = (f"stopped ({reason}) at step {step} after {job['requeues']} requeues "
                          f"(--max-requeues {self.max_requeues}); submit again to continue")
             else:
                 out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
@@ -441,6 +441,7 @@ class TrainTask:
             else:
                 stop["requeued"] = True
                 record["requeues"] += 1
+                job["requeues"] += 1
                 job["state"] = record["state"] = "requeued"
         if error:
             raise JobFailed(error)
@@ -572,7 +573,11 @@ def result_lines(sub: Submission, results: list[dict[str, Any]]) -> list[str]:
 
 
 def requeue_self(job_id: str, max_requeues: int) -> None:
-    """Requeue this job (or array element) after a graceful stop, up to `max_requeues` times."""
+    """Requeue this job (or array element) after a graceful stop, up to `max_requeues` times; not when
+    SLURM is already ending it (a plain scancel)."""
+    state = job_info(job_id).get("JobState", "RUNNING")
+    if state != "RUNNING":
+        raise JobFailed(f"stopped (job state {state}); not requeued")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if restarts >= max_requeues:
         raise JobFailed(f"stopped after {restarts} requeues (--max-requeues {max_requeues}); submit again to finish")

@@ -111,7 +111,8 @@ def describe_run(run_dir: str) -> list[str]:
             starts, stops = job.get("starts", []), job.get("stops", [])
             shape = f"{job.get('nodes', '?')} node(s) x {job.get('tasks_per_node', '?')} task(s)"
             lines.append(f"  job {job['job_id']}: {job.get('state', '?')}, {shape}, started {len(starts)}x"
-                         + (f" on {starts[-1]['hosts']}" if starts else "") + f", logs {job.get('log_folder', '?')}")
+                         + (f" on {starts[-1]['hosts']}" if starts else "")
+                         + f", {job.get('requeues', 0)} requeue(s), logs {job.get('log_folder', '?')}")
             lines.extend(f"    stopped ({stop['reason']}) at step {stop['step']}, {stop['checkpoint']}, "
                          + ("requeued" if stop["requeued"] else "not requeued") for stop in stops)
         if record.get("error"):

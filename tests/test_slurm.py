@@ -303,7 +303,7 @@ def test_preempted_job_checkpoints_on_every_rank_requeues_and_finishes_intact(jo
     assert record["state"] == "completed" and record["requeues"] == 1, record
     (job,) = record["jobs"]
     (stop,) = job["stops"]
-    assert stop["reason"] == "preempted" and stop["requeued"]
+    assert stop["reason"] == "preempted" and stop["requeued"] and job["requeues"] == 1
     stopped_at = stop["step"]
     assert interrupter.at_step <= stopped_at < STEPS, "the signal must stop the run in the middle"
     assert [s["restart"] for s in job["starts"]] == [0, 1]
