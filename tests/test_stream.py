@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,22 @@ def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
     torch.manual_seed(0)
     take(ShardLoader(folder, batch_size=4, num_workers=workers), 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_large_batches_travel_as_shared_tensors_with_the_same_content(uneven_shards, monkeypatch):
+    """Batches above INLINE_BATCH_BYTES leave the worker as shared-memory tensors, smaller ones inside the
+    pickle as numpy arrays; both arrive as the same writable tensors."""
+    import gensynth.data.stream as stream
+
+    folder, _ = uneven_shards
+    kw = dict(batch_size=8, num_workers=2, shuffle_buffer=0)
+    inline = list(ShardLoader(folder, **kw))
+    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))[3]["image"], np.ndarray)
+    monkeypatch.setattr(stream, "INLINE_BATCH_BYTES", 0)  # workers are forked: they see it too
+    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))[3]["image"], torch.Tensor)
+    shared = list(ShardLoader(folder, **kw))
+    assert len(inline) == len(shared)
+    for a, b in zip(inline, shared):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a["image"].dtype == torch.uint8 and a["label"].dtype == torch.int64
+        a["image"][:1] += 1  # writable, no warning

@@ -55,6 +55,7 @@ from gensynth.errors import GensynthError, UsageError
 
 log = logging.getLogger("gensynth")
 MODES = ("exact", "resampled")
+INLINE_BATCH_BYTES = 4 << 20  # image batches up to this size are pickled whole between processes
 
 
 class CorruptDataError(GensynthError):
@@ -317,8 +318,14 @@ class ShardDataset(IterableDataset):
             for i, (kind, item) in enumerate(zip(kinds, pixels)):
                 images[i] = _as_image(kind, item, (h, w, c))
         images = images.reshape(n, h, w, c).transpose(0, 3, 1, 2)
-        batch = {"image": torch.from_numpy(np.ascontiguousarray(images)),
-                 "label": torch.tensor(labels, dtype=torch.int64), "key": keys}
+        images = np.ascontiguousarray(images)
+        labels_array = np.array(labels, dtype=np.int64)
+        # Small batches travel from the worker inside the pickle, as numpy arrays (ShardLoader makes them
+        # tensors without a copy); a tensor would travel through its own shared-memory segment, whose set-up
+        # (a socket connection and a file descriptor per tensor) costs more than copying a few hundred kB.
+        if images.nbytes > INLINE_BATCH_BYTES:
+            images = torch.from_numpy(images)
+        batch = {"image": images, "label": labels_array, "key": keys}
         if decode_meta:
             batch["meta"] = metas
         return batch, bad
@@ -414,6 +421,11 @@ class ShardLoader:
             while next_pos in pending:
                 worker, corrupt, batch = pending.pop(next_pos)
                 self._delivered[worker] += 1
+                for field in ("image", "label"):  # numpy from the worker (see _collate) -> tensor, no copy
+                    if isinstance(batch[field], np.ndarray):
+                        batch[field] = torch.from_numpy(batch[field])
+                        if self.pin_memory:
+                            batch[field] = batch[field].pin_memory()
                 self.corrupt += corrupt - self._corrupt_by_worker[worker]
                 self._corrupt_by_worker[worker] = corrupt
                 next_pos += 1
