@@ -7,8 +7,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import re
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +434,23 @@ def test_inspect_nothing_there_is_a_usage_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"gensynth inspect: error: nothing to inspect at {tmp_path}: expected a shard set (a folder or prefix "
         "with manifest.json) or a .tar shard")
+
+
+def test_manifest_lists_each_shard_with_samples_bytes_sha256_and_progress_is_logged(idx_pair, tmp_path, caplog):
+    images_path, labels_path, _, labels = idx_pair
+    with caplog.at_level(logging.INFO, logger="gensynth"):
+        manifest = ingest(open_source(f"idx:{images_path},{labels_path}"), str(tmp_path), shard_size=4)
+    assert f"shard train: {N} samples in " in caplog.text
+    folder = tmp_path / "train"
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk["num_samples"] == N and on_disk["format"] == "gensynth-shards/1"
+    for entry in on_disk["shards"]:
+        data = (folder / entry["name"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        with tarfile.open(folder / entry["name"]) as tar:
+            assert entry["samples"] == len({m.name.split(".")[0] for m in tar.getmembers()})
+    assert on_disk["class_histogram"] == {str(c): int((labels == c).sum()) for c in range(CLASSES)}
+    image = {"field": "png", "encoding": "png", "height": 28, "width": 28, "channels": 1, "dtype": "uint8"}
+    assert on_disk["schema"] == {"key": "str", "image": image, "cls": "int", "json": "object"}
+    assert on_disk["provenance"]["kind"] == "ingest" and on_disk["provenance"]["source"].startswith("idx:")
+    assert manifest.num_samples == N

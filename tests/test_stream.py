@@ -68,6 +68,22 @@ def test_resume_after_k_batches_gives_exactly_the_rest(uneven_shards, workers):
         assert resumed.epoch == 1
 
 
+def test_resume_mid_epoch_on_each_of_two_ranks(uneven_shards):
+    folder, manifest = uneven_shards
+    union: list[str] = []
+    for rank in (0, 1):
+        kw = dict(batch_size=4, num_workers=2, shuffle_buffer=16, seed=3, rank=rank, world_size=2)
+        full = keys_of(read_epoch(folder, **kw))
+        for k in (3, 8):
+            first = ShardLoader(folder, **kw)
+            head = take(first, k)
+            resumed = ShardLoader(folder, **kw)
+            resumed.load_state_dict(first.state_dict())
+            assert keys_of(head) + keys_of(list(resumed)) == full, f"rank {rank} k={k}"
+        union += full
+    assert len(union) == len(set(union)) == manifest.num_samples
+
+
 def test_resume_on_another_rank_count_is_refused(uneven_shards):
     folder, _ = uneven_shards
     loader = ShardLoader(folder, batch_size=4, rank=0, world_size=2)
