@@ -433,7 +433,7 @@ def test_inspect_nothing_there_is_a_usage_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"gensynth inspect: error: nothing to inspect at {tmp_path}: expected a shard set (a folder or prefix "
-        "with manifest.json) or a .tar shard")
+        "with manifest.json), a .tar shard, a run directory (with config.yaml) or a YAML config")
 
 
 def test_manifest_lists_each_shard_with_samples_bytes_sha256_and_progress_is_logged(idx_pair, tmp_path, caplog):
