@@ -240,20 +240,26 @@ def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_large_batches_travel_as_shared_tensors_with_the_same_content(uneven_shards, monkeypatch):
-    """Batches above INLINE_BATCH_BYTES leave the worker as shared-memory tensors, smaller ones inside the
-    pickle as numpy arrays; both arrive as the same writable tensors."""
+def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shards, monkeypatch):
+    """Small batches leave a worker several to a message, their images inside the pickle; large ones one
+    to a message through shared memory. Either way they arrive as the same writable tensors."""
     import gensynth.data.stream as stream
 
     folder, _ = uneven_shards
     kw = dict(batch_size=8, num_workers=2, shuffle_buffer=0)
-    inline = list(ShardLoader(folder, **kw))
-    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))[3]["image"], np.ndarray)
-    monkeypatch.setattr(stream, "INLINE_BATCH_BYTES", 0)  # workers are forked: they see it too
-    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))[3]["image"], torch.Tensor)
+    assert ShardLoader(folder, **kw).dataset.group == 8, "small batches travel eight to a message"
+    message = next(iter(ShardLoader(folder, batch_size=8).dataset))
+    assert isinstance(message["images"], np.ndarray) and message["sizes"] == [8]
+    grouped = list(ShardLoader(folder, **kw))
+    monkeypatch.setattr(stream, "GROUP_BYTES", 0)  # workers are forked: they see it too
+    monkeypatch.setattr(stream, "SHARED_MESSAGE_BYTES", 0)
+    assert ShardLoader(folder, **kw).dataset.group == 1
+    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))["images"], torch.Tensor)
     shared = list(ShardLoader(folder, **kw))
-    assert len(inline) == len(shared)
-    for a, b in zip(inline, shared):
+    assert len(grouped) == len(shared) == 13
+    for a, b in zip(grouped, shared):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-        assert a["image"].dtype == torch.uint8 and a["label"].dtype == torch.int64
+        assert a["image"].dtype == torch.uint8 and a["label"].dtype == torch.int64 and a["image"].is_contiguous()
+        assert list(a) == ["image", "label", "key", "meta"]
         a["image"][:1] += 1  # writable, no warning
+        b["image"][:1] += 1
