@@ -1,5 +1,6 @@
-"""`gensynth inspect URL`: a shard set, a single shard, a config or a run directory (config, checkpoints,
-export, TensorBoard, SLURM jobs and requeues) in a few readable lines; `--verify` re-hashes shards."""
+"""`gensynth inspect URL`: a shard set, a single shard, a run directory (config, checkpoints, export,
+samples, TensorBoard, SLURM jobs and requeues) or a config, in a few readable lines; `--verify` re-hashes
+(every shard of a set; an export's weights)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from gensynth.config import dump_yaml, load_config
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, verify_shards
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
+
+RUN_CONFIG = "config.yaml"  # the resolved config a run saves in its directory
 
 
 def describe_manifest(location: str, manifest: Manifest) -> list[str]:
@@ -66,43 +69,56 @@ def describe_shard(url: str, show: int = 3) -> list[str]:
     return lines + examples
 
 
-def is_run_dir(url: str) -> bool:
-    path = Path(url)
-    return "://" not in url and (path / "config.yaml").is_file() and any(
-        (path / name).exists() for name in ("checkpoints", "export", "slurm.json", "tb"))
-
-
-def describe_run(run_dir: str) -> list[str]:
-    """A run directory: its config in one line, checkpoints, export, TensorBoard and SLURM record."""
+def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
+    """A run directory: its config in one line, checkpoints, export, sample grids, TensorBoard.
+    With verify, the export's weights are checked against the sha256 its config.json records."""
     from gensynth.cluster import read_record
+    from gensynth.export import CONFIG as EXPORT_CONFIG  # torch and accelerate: imported only for runs
+    from gensynth.export import WEIGHTS, ExportError, load_export, read_export_config
     from gensynth.train.checkpoint import complete_checkpoints
 
-    path = Path(run_dir)
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    model, train, data = cfg.get("model", {}), cfg.get("train", {}), cfg.get("data", {})
-    lines = [f"run        {run_dir}",
-             f"config     {model.get('family', '?')} at {model.get('resolution', '?')} px on {data.get('train', '?')}: "
-             f"{train.get('steps', '?')} steps of batch {train.get('batch_size', '?')}, seed "
-             f"{cfg.get('run', {}).get('seed', '?')}, mixed precision {train.get('mixed_precision', '?')}"]
-    found = complete_checkpoints(path / "checkpoints")
-    if found:
-        state = json.loads((found[-1][1] / "trainer.json").read_text())
-        lines.append(f"checkpoint {len(found)} complete, latest checkpoints/{found[-1][1].name}: step {state['step']} "
-                     f"of {train.get('steps', '?')}, {state.get('world_size', 1)} processes; resumes "
-                     f"{state.get('resumes', 0)}, stops by signal {state.get('stops', 0)}, roll-backs "
-                     f"{state.get('rollbacks', 0)}")
+    try:
+        cfg = yaml.safe_load((folder / RUN_CONFIG).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputDataError(f"{folder / RUN_CONFIG}: not valid YAML: {e}") from None
+    section = {k: cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("model", "train", "data")}
+    lines = [f"run        {folder}",
+             f"config     family {section['model'].get('family', '?')}, {section['train'].get('steps', '?')} steps "
+             f"of batch {section['train'].get('batch_size', '?')}, data {section['data'].get('train', '?')}"]
+    checkpoints = complete_checkpoints(folder / "checkpoints")
+    complete = {path.name for _, path in checkpoints}
+    leftovers = [p.name for p in sorted((folder / "checkpoints").glob("*")) if p.is_dir() and p.name not in complete]
+    text = (f"{len(checkpoints)} complete, steps {', '.join(str(step) for step, _ in checkpoints)}; resumes from "
+            f"{checkpoints[-1][1].name}" if checkpoints else "none complete (a rerun starts from step 0)")
+    if checkpoints:
+        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
+        text += (f" ({state.get('world_size', 1)} processes; so far {state.get('resumes', 0)} resumes, "
+                 f"{state.get('stops', 0)} stops by signal, {state.get('rollbacks', 0)} roll-backs)")
+    if leftovers:
+        text += f"; {len(leftovers)} incomplete, never resumed from ({', '.join(leftovers)})"
+    lines.append(f"checkpoints {text}")
+    ok = True
+    if (folder / "export" / EXPORT_CONFIG).is_file():
+        config = read_export_config(folder)
+        weights = folder / "export" / WEIGHTS
+        size = weights.stat().st_size if weights.is_file() else 0
+        lines.append(f"export     step {config.get('step', '?')}, {size / 1e6:.1f} MB, weights sha256 "
+                     f"{str(config.get('weights_sha256'))[:16]}...")
+        if verify:
+            try:
+                load_export(folder)
+                lines.append("verify     ok: the weights match their sha256")
+            except ExportError as e:
+                ok = False
+                lines.append(f"verify     FAILED: {e}")
     else:
-        lines.append("checkpoint none yet")
-    export = path / "export" / "config.json"
-    if export.is_file():
-        info = json.loads(export.read_text())
-        lines.append(f"export     export/: step {info.get('step', '?')}, weights sha256 "
-                     f"{str(info.get('weights_sha256', '?'))[:16]}")
-    else:
-        lines.append("export     none yet (written when training finishes)")
-    events = list((path / "tb").glob("events.out.tfevents.*")) if (path / "tb").is_dir() else []
-    lines.append(f"tb         {len(events)} event file(s): tensorboard --logdir {path / 'tb'}")
-    record = read_record(path)
+        lines.append("export     none yet (written at the end of training)")
+    grids = sorted((folder / "samples").glob("samples-step-*.png"))
+    newest = f", newest {folder / 'samples' / grids[-1].name}" if grids else ""
+    lines.append(f"samples    {len(grids)} grids{newest}")
+    if (folder / "tb").is_dir():
+        lines.append(f"tensorboard tensorboard --logdir {folder / 'tb'}")
+    record = read_record(folder)
     if record:
         jobs = record.get("jobs", [])
         lines.append(f"slurm      {record.get('state', '?')}: job {', '.join(j['job_id'] for j in jobs) or '-'}, "
@@ -117,7 +133,7 @@ def describe_run(run_dir: str) -> list[str]:
                          + ("requeued" if stop["requeued"] else "not requeued") for stop in stops)
         if record.get("error"):
             lines.append(f"  error: {record['error']}")
-    return lines
+    return lines, ok
 
 
 def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> tuple[list[str], bool]:
@@ -130,19 +146,19 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
         return dump_yaml(load_config(url, overrides)).splitlines(), True
     if overrides:
         raise UsageError(f"key=value overrides apply to a YAML config, not to {url}")
-    if is_run_dir(url):
-        return describe_run(url), True
     if url.endswith(".tar"):
         if not storage.exists(url):
             raise UsageError(f"shard not found: {url}")
         return describe_shard(url), True
+    if not storage.is_remote(url) and (Path(url) / RUN_CONFIG).is_file() and not storage.exists(manifest_url(url)):
+        return describe_run(Path(url), verify)
     if not storage.exists(manifest_url(url)):
         receipts = [n for n in storage.listdir(storage.join(url, "receipts")) if n.endswith(".json")]
         if receipts:
             return [f"unfinished generation at {url}: {len(receipts)} shards done, no {MANIFEST_NAME} yet; rerun "
                     "the same `gensynth generate` command (or --finalize once every array task is done)"], False
         raise UsageError(f"nothing to inspect at {url}: expected a shard set (a folder or prefix with "
-                         "manifest.json), a .tar shard, a YAML config or a run directory (runs/<name>)")
+                         f"manifest.json), a .tar shard, a run directory (with {RUN_CONFIG}) or a YAML config")
     manifest = read_manifest(url)
     lines = describe_manifest(url, manifest)
     ok = True
