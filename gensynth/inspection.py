@@ -90,13 +90,14 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     leftovers = [p.name for p in sorted((folder / "checkpoints").glob("*")) if p.is_dir() and p.name not in complete]
     text = (f"{len(checkpoints)} complete, steps {', '.join(str(step) for step, _ in checkpoints)}; resumes from "
             f"{checkpoints[-1][1].name}" if checkpoints else "none complete (a rerun starts from step 0)")
-    if checkpoints:
-        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
-        text += (f" ({state.get('world_size', 1)} processes; so far {state.get('resumes', 0)} resumes, "
-                 f"{state.get('stops', 0)} stops by signal, {state.get('rollbacks', 0)} roll-backs)")
     if leftovers:
         text += f"; {len(leftovers)} incomplete, never resumed from ({', '.join(leftovers)})"
     lines.append(f"checkpoints {text}")
+    if checkpoints:
+        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
+        lines.append(f"history    step {state.get('step')}, {state.get('world_size', 1)} processes; "
+                     f"{state.get('resumes', 0)} resumes, {state.get('stops', 0)} stops by signal, "
+                     f"{state.get('rollbacks', 0)} roll-backs")
     ok = True
     if (folder / "export" / EXPORT_CONFIG).is_file():
         config = read_export_config(folder)
