@@ -272,7 +272,8 @@ class ShardDataset(IterableDataset):
     def _collate(self, raw: list[tuple[str, str, dict[str, bytes]]]) -> tuple[dict[str, Any], int]:
         """Decode a batch. Our own PNGs (unfiltered rows) and npy images are not made into one array each:
         their pixel bytes are joined and shaped into the batch with one numpy call (a third of the
-        per-image cost); any other image is decoded on its own and copied into place."""
+        per-image cost); any other image is decoded on its own and copied into place. The image array
+        may be a strided view (pack_message makes it contiguous when it joins a message's batches)."""
         labels: list[int] = []
         keys: list[str] = []
         metas: list[Any] = []
@@ -281,41 +282,45 @@ class ShardDataset(IterableDataset):
         layout = None  # "png" (rows with a leading filter byte), "npy" (bare pixels) or "array" (mixed)
         bad = 0
         ext = IMAGE_EXTENSIONS[0]
+        shape = self.image_shape  # (H, W, C) from the manifest; without one, the first image sets it
         decode_meta = self.decode_meta
-        for shard, key, fields in raw:
+        for shard, key, fields in raw:  # the loop runs per sample: kept lean on purpose
             try:
-                if ext not in fields:  # the same field as the previous sample, nearly always
-                    ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
-                    if ext is None:
-                        ext = IMAGE_EXTENSIONS[0]
+                data = fields.get(ext)
+                if data is None:  # another image field than the previous sample's
+                    ext = next((e for e in IMAGE_EXTENSIONS if e in fields), IMAGE_EXTENSIONS[0])
+                    data = fields.get(ext)
+                    if data is None:
                         raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
-                data = fields[ext]
                 fast = png_scanlines(data) if ext == "png" else npy_pixels(data) if ext == "npy" else None
-                if fast is not None and self.image_shape is None:  # no manifest schema: the first image sets it
-                    self.image_shape = fast[1]
-                if fast is not None and fast[1] == self.image_shape:
+                if fast is not None and shape is None:
+                    shape = self.image_shape = fast[1]
+                if fast is not None and fast[1] == shape:
                     item: Any = fast[0]
                     kind = ext
                 else:
                     item = decode_image(data, ext)
-                    if self.image_shape is None:
-                        self.image_shape = item.shape
-                    if item.shape != self.image_shape:
-                        raise DecodeError(f"image is {item.shape}, the set's schema says {self.image_shape}")
+                    if shape is None:
+                        shape = self.image_shape = item.shape
+                    if item.shape != shape:
+                        raise DecodeError(f"image is {item.shape}, the set's schema says {shape}")
                     kind = "array"
-                label = int(fields["cls"]) if "cls" in fields else -1
+                cls = fields.get("cls")
+                label = -1 if cls is None else int(cls)
                 meta = _json_decode(fields["json"].decode("utf-8")) if decode_meta and "json" in fields else None
             except (DecodeError, ValueError, UnicodeDecodeError) as e:
                 log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, e)
                 bad += 1
                 continue
-            layout = kind if layout in (None, kind) else "array"
+            if kind != layout:
+                layout = kind if layout is None else "array"
             kinds.append(kind)
             pixels.append(item)
             labels.append(label)
             keys.append(key)
-            metas.append(meta)
-        h, w, c = self.image_shape or (0, 0, 0)
+            if decode_meta:
+                metas.append(meta)
+        h, w, c = shape or (0, 0, 0)
         n = len(keys)
         if layout == "png":  # bytearray: writable, so torch.from_numpy takes it without a warning
             images = np.frombuffer(bytearray().join(pixels), dtype=np.uint8).reshape(n, h, 1 + w * c)[:, :, 1:]
@@ -325,8 +330,8 @@ class ShardDataset(IterableDataset):
             images = np.empty((n, h, w, c), dtype=np.uint8)
             for i, (kind, item) in enumerate(zip(kinds, pixels)):
                 images[i] = _as_image(kind, item, (h, w, c))
-        images = images.reshape(n, h, w, c).transpose(0, 3, 1, 2)
-        batch = {"image": np.ascontiguousarray(images), "label": np.array(labels, dtype=np.int64), "key": keys}
+        batch = {"image": images.reshape(n, h, w, c).transpose(0, 3, 1, 2),
+                 "label": np.array(labels, dtype=np.int64), "key": keys}
         if decode_meta:
             batch["meta"] = metas
         return batch, bad
@@ -337,7 +342,7 @@ def pack_message(chunk: list[tuple[int, int, int, dict[str, Any]]]) -> dict[str,
     (images in one shared-memory tensor when large enough), the rest per batch."""
     images = [batch["image"] for *_, batch in chunk]
     filled = [image for image in images if len(image)]  # an empty batch may not know the image shape yet
-    joined = images[0] if len(filled) == 0 else filled[0] if len(filled) == 1 else np.concatenate(filled)
+    joined = np.ascontiguousarray(np.concatenate(filled) if len(filled) > 1 else (filled or images)[0])
     rest = [(pos, worker, corrupt, {k: v for k, v in batch.items() if k not in ("image", "label")})
             for pos, worker, corrupt, batch in chunk]
     return {"images": torch.from_numpy(joined) if joined.nbytes > SHARED_MESSAGE_BYTES else joined,
