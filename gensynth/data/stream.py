@@ -5,6 +5,10 @@
         ...
     state = loader.state_dict()     # save with the checkpoint; load_state_dict() continues from there
 
+A shard set whose manifest lists arrays (`schema["arrays"]`, e.g. a VQ-VAE's `codes`) yields them
+as batch[name]: a tensor [n, *shape] of the schema's dtype, e.g. int16 [n, 8, 8]; a set of arrays
+without images has no batch["image"].
+
 Under torch.distributed the rank and world size are read from the process group (or RANK /
 WORLD_SIZE); each rank builds its own ShardLoader over the same shard set.
 
@@ -38,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gensynth import storage
-from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, decode_image
+from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, decode_array, decode_image
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gensynth.data.plan import (
     Segment,
@@ -156,7 +160,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[Shard], batch_size: int, mode: str, seed: int, buffer: int, rank: int,
                  world: int, workers: int, max_corrupt_fraction: float, image_shape: tuple[int, ...] | None,
-                 decode_meta: bool):
+                 decode_meta: bool, arrays: dict[str, dict[str, Any]] | None = None, with_image: bool = True):
         self.shards = shards
         self.counts = [s.samples for s in shards]
         self.batch_size = batch_size
@@ -167,6 +171,8 @@ class ShardDataset(IterableDataset):
         self.max_corrupt_fraction = max_corrupt_fraction
         self.image_shape = image_shape
         self.decode_meta = decode_meta
+        self.arrays = arrays or {}  # name -> {"field", "dtype", "shape"} from the manifest's schema
+        self.with_image = with_image
         self.epoch = 0
         self.skip = [0] * workers  # batches each worker already delivered (resume)
 
@@ -260,15 +266,16 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, raw: list[tuple[str, str, dict[str, bytes]]]) -> tuple[dict[str, Any], int]:
         images, labels, keys, metas = [], [], [], []
+        arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         bad = 0
         for shard, key, fields in raw:
             try:
-                ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
-                if ext is None:
-                    raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
-                image = decode_image(fields[ext], ext)
-                if self.image_shape is not None and image.shape != self.image_shape:
-                    raise DecodeError(f"image is {image.shape}, the set's schema says {self.image_shape}")
+                image = self._decode_image(fields) if self.with_image else None
+                decoded = {}
+                for name, spec in self.arrays.items():
+                    if spec["field"] not in fields:
+                        raise DecodeError(f"no {spec['field']} field (has {', '.join(sorted(fields)) or 'nothing'})")
+                    decoded[name] = decode_array(fields[spec["field"]], spec["dtype"], spec["shape"])
                 label = int(fields["cls"]) if "cls" in fields else -1
                 meta = json.loads(fields["json"]) if self.decode_meta and "json" in fields else None
             except (DecodeError, ValueError, UnicodeDecodeError) as e:
@@ -276,19 +283,35 @@ class ShardDataset(IterableDataset):
                 bad += 1
                 continue
             images.append(image)
+            for name, array in decoded.items():
+                arrays[name].append(array)
             labels.append(label)
             keys.append(key)
             metas.append(meta)
-        if images:
-            stacked = np.stack(images)  # n, H, W, C
-            tensor = torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
-        else:
-            h, w, c = self.image_shape or (0, 0, 0)
-            tensor = torch.empty((0, c, h, w), dtype=torch.uint8)
-        batch = {"image": tensor, "label": torch.tensor(labels, dtype=torch.int64), "key": keys}
+        batch: dict[str, Any] = {}
+        if self.with_image:
+            if images:
+                stacked = np.stack(images)  # n, H, W, C
+                batch["image"] = torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+            else:
+                h, w, c = self.image_shape or (0, 0, 0)
+                batch["image"] = torch.empty((0, c, h, w), dtype=torch.uint8)
+        for name, spec in self.arrays.items():
+            batch[name] = (torch.from_numpy(np.stack(arrays[name])) if arrays[name] else
+                           torch.from_numpy(np.empty((0, *spec["shape"]), dtype=spec["dtype"])))
+        batch.update({"label": torch.tensor(labels, dtype=torch.int64), "key": keys})
         if self.decode_meta:
             batch["meta"] = metas
         return batch, bad
+
+    def _decode_image(self, fields: dict[str, bytes]) -> np.ndarray:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+        if ext is None:
+            raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
+        image = decode_image(fields[ext], ext)
+        if self.image_shape is not None and image.shape != self.image_shape:
+            raise DecodeError(f"image is {image.shape}, the set's schema says {self.image_shape}")
+        return image
 
 
 def _worker_init(_: int) -> None:
@@ -312,15 +335,20 @@ class ShardLoader:
         self.shards, self.manifest = resolve_shards(source)
         if not self.shards:
             raise UsageError(f"{source}: no shards")
-        image = (self.manifest.schema.get("image") if self.manifest else None) or None
+        schema = self.manifest.schema if self.manifest else {}
+        image = schema.get("image") or None
         shape = (image["height"], image["width"], image["channels"]) if image else None
+        self.arrays: dict[str, dict[str, Any]] = dict(schema.get("arrays") or {})
+        # images unless the manifest describes a set of arrays only (without a manifest: images, as always)
+        with_image = image is not None or not self.arrays
         self.num_workers = num_workers
         self.mode = mode
         self.batch_size = batch_size
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardDataset(self.shards, batch_size, mode, seed, shuffle_buffer, self.rank,
-                                    self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta)
+                                    self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta,
+                                    self.arrays, with_image)
         self.corrupt = 0  # corrupt or missing samples seen by this rank so far (all epochs)
         self._corrupt_by_worker = [0] * max(1, num_workers)
         self._delivered = [0] * max(1, num_workers)
