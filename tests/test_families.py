@@ -164,7 +164,8 @@ def test_vqvae_export_reproduces_the_reconstruction_grid_and_refuses_to_sample(v
     sampler = load_sampler(run)
     assert isinstance(sampler, VQVAESampler) and sampler.classes == [f"c{i}" for i in range(10)]
     inputs = grid_images(toy["test"], 1, 10, seed=0)
-    assert np.array_equal(reconstruction_grid(inputs, sampler.reconstruct(inputs), 10), last_grid(run, "reconstructions"))
+    grid = reconstruction_grid(inputs, sampler.reconstruct(inputs), 10)
+    assert np.array_equal(grid, last_grid(run, "reconstructions"))
     codes = sampler.encode(inputs)
     assert codes.shape == (10, 4, 4) and codes.dtype == torch.int64 and int(codes.max()) < 16
     with pytest.raises(UsageError, match="train the prior"):

@@ -6,9 +6,9 @@ as batch norm updates its statistics).
 - Codebook learned by exponential moving averages of assignment counts and sums, with Laplace
   smoothing of the counts (van den Oord et al. 2017, appendix A.1): no codebook loss, no optimizer.
 - k-means initialisation (k-means++ seeds, Arthur & Vassilvitskii 2007) from the first batch of every
-  rank (Lancucki et al. 2020, "Robust training of vector quantized bottleneck models"), and dead-code restart: a code unused for `restart_after`
-  batches is re-seeded with a random encoder output of the current batch (Lancucki et al. 2020;
-  Dhariwal et al. 2020, Jukebox).
+  rank (Lancucki et al. 2020, "Robust training of vector quantized bottleneck models"), and dead-code
+  restart: a code unused for `restart_after` batches is re-seeded with a random encoder output of the
+  current batch (Lancucki et al. 2020; Dhariwal et al. 2020, Jukebox).
 - Optional factorized (lower-dimensional) and cosine-similarity (l2-normalized) codes: the lookup
   happens in a `codebook_dim` projection of the encoder output, on the unit sphere when `cosine`
   (Yu et al. 2022, "Vector-quantized image modeling with improved VQGAN", ViT-VQGAN).
