@@ -199,7 +199,47 @@ def test_codebooks_identical_across_two_gloo_processes(toy, tmp_path):
     assert export["codebook"]["restarts_total"] > 0 and export["codebook"]["batches"] == 12
 
 
-# -- prior over the codes
+# -- code shards and the prior over them
+
+
+def test_code_shards_round_trip_are_reused_and_refuse_another_vqvae(vqvae_run, toy, tmp_path):
+    from gensynth.data.manifest import manifest_sha256
+    from gensynth.data.stream import ShardLoader
+    from gensynth.export import save_export
+    from gensynth.train.codes import ensure_codes
+
+    export = str(vqvae_run["run"])
+    out = str(tmp_path / "codes")
+    manifest = ensure_codes(export, toy["train"], out, batch_size=16)
+    prov = manifest.provenance
+    assert prov["kind"] == "codes" and prov["vqvae"]["weights_sha256"] == load_export(export)[1]["weights_sha256"]
+    assert prov["images"] == {"train": toy["train"], "manifest_sha256": manifest_sha256(toy["train"])}
+    assert prov["num_codes"] == 16 and prov["grid"] == [4, 4] and manifest.num_samples == 103
+    assert manifest.schema["arrays"]["codes"] == {"field": "codes.npy", "dtype": "int16", "shape": [4, 4]}
+    # every grid is what the export's encoder gives for that image, under the same key and label
+    sampler = load_sampler(export)
+    expected = {}
+    for batch in ShardLoader(toy["train"], batch_size=50, mode="exact", shuffle_buffer=0):
+        for key, label, codes in zip(batch["key"], batch["label"].tolist(), sampler.encode(batch["image"])):
+            expected[key] = (label, codes)
+    got = {}
+    for batch in ShardLoader(out, batch_size=32, mode="exact", num_workers=2):
+        for key, label, codes in zip(batch["key"], batch["label"].tolist(), batch["codes"]):
+            got[key] = (label, codes)
+    assert got.keys() == expected.keys()
+    assert all(got[k][0] == expected[k][0] and torch.equal(got[k][1].long(), expected[k][1]) for k in got)
+    # reused, not rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    assert ensure_codes(export, toy["train"], out) == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps
+    # another VQ-VAE (other weights): refused, nothing overwritten
+    tensors, config = load_export(export)
+    other = tmp_path / "other"
+    save_export(other, {k: v + 1 if k == "decoder.net.0.bias" else v for k, v in tensors.items()},
+                {k: v for k, v in config.items() if k not in ("weights_sha256", "format", "gensynth_version")})
+    with pytest.raises(UsageError, match="another VQ-VAE export"):
+        ensure_codes(str(other), toy["train"], out)
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps
 
 
 def test_prior_kill9_then_resume_equals_an_uninterrupted_run(toy, vqvae_run, tmp_path):
