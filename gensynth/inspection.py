@@ -17,6 +17,8 @@ def describe_manifest(location: str, manifest: Manifest) -> list[str]:
     if image:
         lines.append(f"images     {image['height']}x{image['width']}x{image['channels']} {image['dtype']}, "
                      f"{image['encoding']}")
+    for name, spec in (manifest.schema.get("arrays") or {}).items():
+        lines.append(f"array      {name}: {spec['dtype']} {list(spec['shape'])} ({spec['field']})")
     if manifest.class_histogram:
         names = manifest.classes or []
         parts = []
@@ -26,7 +28,12 @@ def describe_manifest(location: str, manifest: Manifest) -> list[str]:
             parts.append(f"{label}{'=' + names[i] if named else ''}: {count}")
         lines.append(f"classes    {len(manifest.class_histogram)}: " + ", ".join(parts))
     prov = manifest.provenance
-    if prov:
+    if prov.get("kind") == "codes":
+        vq = prov.get("vqvae", {})
+        lines.append(f"provenance codes of {prov.get('images', {}).get('train', '?')} by the VQ-VAE export "
+                     f"{vq.get('export', '?')} (weights sha256 {str(vq.get('weights_sha256'))[:12]}...), "
+                     f"{prov.get('num_codes', '?')} codes")
+    elif prov:
         lines.append(f"provenance {prov.get('kind', '?')} from {prov.get('source', '?')}"
                      + (f", gensynth {prov['gensynth_version']}" if "gensynth_version" in prov else ""))
     sizes = [s.samples for s in manifest.shards]

@@ -228,6 +228,11 @@ def test_code_shards_round_trip_are_reused_and_refuse_another_vqvae(vqvae_run, t
             got[key] = (label, codes)
     assert got.keys() == expected.keys()
     assert all(got[k][0] == expected[k][0] and torch.equal(got[k][1].long(), expected[k][1]) for k in got)
+    from gensynth.inspection import inspect
+
+    lines, ok = inspect(out, verify=True)
+    assert ok and "array      codes: int16 [4, 4] (codes.npy)" in lines
+    assert any(line.startswith("provenance codes of") and "16 codes" in line for line in lines)
     # reused, not rewritten
     stamps = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
     assert ensure_codes(export, toy["train"], out) == manifest
@@ -267,6 +272,7 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/nll", "loss/bits_per_code", "lr", "eval/variety", "eval/mean_gap"} <= scalars
     shutil.rmtree(vq_copy)  # the prior's export carries the VQ-VAE's codebook and decoder
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
     tensors, config_json = load_export(run)
     assert {k.split(".")[0] for k in tensors} == {"prior", "vqvae"}
     assert not any(k.startswith("vqvae.encoder.") for k in tensors)
@@ -312,6 +318,7 @@ def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_sam
     test = {e.step: e.value for e in acc.Scalars("eval/test_elbo")}
     terms = {k: acc.Scalars(f"eval/test_{k}")[-1].value for k in ("recon_nll", "kl")}
     assert test[20] == pytest.approx(-(terms["recon_nll"] + terms["kl"]), rel=1e-5)
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
     tensors, export = load_export(run)
     assert export["family"] == "vae" and export["heldout"]["test_elbo"] == pytest.approx(test[20], rel=1e-5)
     sampler = load_sampler(run)

@@ -4,8 +4,9 @@ Networks only, no training logic.
 Encoder q(z | x, y): a label embedding added to the first feature map, `downsamples` strided convs
 (SiLU), a linear layer to the mean and log-variance of a diagonal Gaussian. Decoder p(x | z, y): z and
 a label embedding -> linear -> the low-resolution feature map -> transposed convs -> the pixel means.
-The decoder's likelihood is Gaussian with one standard deviation for all pixels, learned (Rybkin et al.
-2021, sigma-VAE) or fixed; the prior p(z) is a standard normal.
+The decoder's likelihood is Gaussian with one standard deviation for all pixels: fixed, or (sigma=0) the
+"optimal sigma" of Rybkin et al. 2021 (sigma-VAE), the RMS reconstruction error, whose running value the
+module keeps in `log_sigma` (set by the training step); the prior p(z) is a standard normal.
 """
 
 from __future__ import annotations
@@ -45,10 +46,8 @@ class VAE(nn.Module):
             dec += [nn.SiLU(), nn.Conv2d(c[i], c[i], 3, padding=1),
                     nn.SiLU(), nn.ConvTranspose2d(c[i], c[i - 1], 4, stride=2, padding=1)]
         self.dec = nn.Sequential(*dec, nn.SiLU(), nn.Conv2d(c[0], channels, 3, padding=1))
-        if sigma > 0:
-            self.register_buffer("log_sigma", torch.tensor(math.log(sigma)))
-        else:
-            self.log_sigma = nn.Parameter(torch.zeros(()))
+        self.fixed_sigma = sigma > 0
+        self.register_buffer("log_sigma", torch.tensor(math.log(sigma) if sigma > 0 else 0.0))
 
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-variance) of q(z | x, y), each [n, latent_dim]."""
@@ -66,6 +65,11 @@ class VAE(nn.Module):
         mean, logvar = self.encode(x, y)
         z = mean + torch.exp(0.5 * logvar) * noise
         return self.decode(z, y), mean, logvar
+
+
+def optimal_log_sigma(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """log of the sigma that maximises the Gaussian likelihood of the batch: the RMS error (differentiable)."""
+    return 0.5 * torch.log((x - mean).pow(2).mean().clamp_min(1e-8))
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:

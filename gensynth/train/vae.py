@@ -5,7 +5,10 @@ negative ELBO with a weighted KL term, per pixel so the learning rate does not d
 
 beta > 1 is the beta-VAE (Higgins et al. 2017); the linear warm-up of the KL weight from 0 keeps the
 decoder from ignoring z early on (Bowman et al. 2016; Sonderby et al. 2016). The likelihood is counted
-on the data's own pixels only (the padding up to model.resolution is cropped away).
+on the data's own pixels only (the padding up to model.resolution is cropped away). With vae.sigma=0 the
+decoder's sigma is the batch's RMS error, in the loss with its gradient (Rybkin et al. 2021, "optimal
+sigma"); the model keeps a running average of it (all ranks' batches), which the held-out ELBO and the
+export use.
 
 Logged: elbo/recon_nll, elbo/kl (nats per image), elbo/elbo (= -(recon_nll + kl), with weight 1 whatever
 the current weight), kl_weight, sigma. Held-out (data.test): the test ELBO and its terms, one posterior
@@ -25,10 +28,12 @@ from accelerate import Accelerator
 from gensynth.config import Config
 from gensynth.errors import UsageError
 from gensynth.imaging import pad_amounts
-from gensynth.models.vae import VAE, gaussian_nll, kl_to_standard_normal
+from gensynth.models.vae import VAE, gaussian_nll, kl_to_standard_normal, optimal_log_sigma
 from gensynth.sampling import vae_images
 from gensynth.train.family import DataInfo, StepResult, clip_and_step
 from gensynth.train.tracking import image_grid
+
+SIGMA_DECAY = 0.99  # running average of the optimal sigma, about the last 100 steps
 
 
 def kl_weight(cfg: Config, step: int) -> float:
@@ -65,33 +70,45 @@ class VAETrainer:
         """The data's own pixels of a network-sized tensor."""
         return x[:, :, self.top:self.top + self.data.height, self.left:self.left + self.data.width]
 
-    def terms(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(recon_nll, kl) per image, nats."""
+    def terms(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+              log_sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(recon_nll, kl) per image in nats, and the log sigma used: `log_sigma`, else the model's fixed one,
+        else the batch's optimal one."""
         with self.accelerator.autocast():
             mean, mu, logvar = model(images, labels, noise)
-        recon = gaussian_nll(self.crop(images), self.crop(mean.float()), self.raw.log_sigma)
-        return recon, kl_to_standard_normal(mu.float(), logvar.float())
+        x, mean = self.crop(images), self.crop(mean.float())
+        if log_sigma is None:
+            log_sigma = self.raw.log_sigma if self.raw.fixed_sigma else optimal_log_sigma(x, mean)
+        return gaussian_nll(x, mean, log_sigma), kl_to_standard_normal(mu.float(), logvar.float()), log_sigma
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
         acc = self.accelerator
         weight = kl_weight(self.cfg, step)
         with acc.accumulate(self.model):
             noise = torch.randn(len(images), self.raw.latent_dim, device=images.device)
-            recon, kl = self.terms(self.model, images, labels, noise)
+            recon, kl, log_sigma = self.terms(self.model, images, labels, noise)
             recon, kl = recon.mean(), kl.mean()
             acc.backward((recon + weight * kl) / self.pixels)
             norm = clip_and_step(acc, self.model, self.opt, self.cfg.train.grad_clip)
+        if not self.raw.fixed_sigma:
+            self.track_sigma(log_sigma.detach())
         metrics = {"elbo/recon_nll": recon.detach(), "elbo/kl": kl.detach(), "elbo/elbo": -(recon + kl).detach(),
                    "loss/weighted": ((recon + weight * kl) / self.pixels).detach(),
-                   "kl_weight": torch.tensor(weight), "sigma": self.raw.log_sigma.detach().exp()}
+                   "kl_weight": torch.tensor(weight), "sigma": log_sigma.detach().exp()}
         if acc.sync_gradients:
             metrics["grad_norm"] = norm
         return StepResult(metrics, not bool(torch.isfinite(recon.detach()) & torch.isfinite(kl.detach())))
 
     @torch.no_grad()
+    def track_sigma(self, log_sigma: torch.Tensor) -> None:
+        """Running average of the optimal sigma (its variance averaged over all ranks' batches)."""
+        variance = self.accelerator.reduce(torch.exp(2 * log_sigma.float()).reshape(1), reduction="mean")[0]
+        self.raw.log_sigma.lerp_(0.5 * torch.log(variance), 1 - SIGMA_DECAY)  # from log 1 = 0 at the start
+
+    @torch.no_grad()
     def heldout_metrics(self, batches) -> dict[str, float]:
-        """Test ELBO (nats per image; KL weight 1) with one posterior sample per image from a fixed seed."""
+        """Test ELBO (nats per image; KL weight 1; the model's sigma) with one posterior sample per image from a
+        fixed seed."""
         generator = torch.Generator().manual_seed(0)
         totals = {"recon_nll": 0.0, "kl": 0.0}
         count = 0
@@ -99,7 +116,7 @@ class VAETrainer:
         try:
             for images, labels in batches:
                 noise = torch.randn(len(images), self.raw.latent_dim, generator=generator).to(images.device)
-                recon, kl = self.terms(self.raw, images, labels, noise)
+                recon, kl, _ = self.terms(self.raw, images, labels, noise, self.raw.log_sigma)
                 totals["recon_nll"] += float(recon.double().sum())
                 totals["kl"] += float(kl.double().sum())
                 count += len(images)
