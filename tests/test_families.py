@@ -305,7 +305,7 @@ def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run
 
 
 def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_samples(toy, tmp_path):
-    config = tiny_config(tmp_path, toy, "vae", data__test=toy["test"], train__steps=20)
+    config = tiny_config(tmp_path, toy, "vae", data__test=toy["test"], train__steps=20, vae__sigma=0.0)
     train_ok(config)
     run = run_dir(config)
     acc = events(run)
@@ -321,6 +321,8 @@ def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_sam
     assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
     tensors, export = load_export(run)
     assert export["family"] == "vae" and export["heldout"]["test_elbo"] == pytest.approx(test[20], rel=1e-5)
+    # the optimal sigma's running average, started at 1, moved towards the batches' RMS error
+    assert export["sigma"] != 1.0 and export["sigma"] == pytest.approx(float(tensors["log_sigma"].exp()))
     sampler = load_sampler(run)
     assert isinstance(sampler, VAESampler)
     labels = torch.arange(10).repeat_interleave(10)

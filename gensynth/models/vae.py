@@ -3,7 +3,8 @@ Networks only, no training logic.
 
 Encoder q(z | x, y): a label embedding added to the first feature map, `downsamples` strided convs
 (SiLU), a linear layer to the mean and log-variance of a diagonal Gaussian. Decoder p(x | z, y): z and
-a label embedding -> linear -> the low-resolution feature map -> transposed convs -> the pixel means.
+a label embedding -> linear -> the low-resolution feature map -> transposed convs -> the pixel means,
+with a per-class bias added before every decoder stage.
 The decoder's likelihood is Gaussian with one standard deviation for all pixels: fixed, or (sigma=0) the
 "optimal sigma" of Rybkin et al. 2021 (sigma-VAE), the RMS reconstruction error, whose running value the
 module keeps in `log_sigma` (set by the training step); the prior p(z) is a standard normal.
@@ -38,14 +39,19 @@ class VAE(nn.Module):
                     nn.SiLU(), nn.Conv2d(c[i + 1], c[i + 1], 3, padding=1)]
         self.enc = nn.Sequential(*enc, nn.SiLU(), nn.Flatten())
         self.to_posterior = nn.Linear(c[-1] * self.low**2, 2 * latent_dim)
-        # decoder
+        # decoder: the label enters with z, and again as a per-class bias before every stage, so the decoder
+        # has the class at every scale rather than reading it out of z
         self.dec_label = nn.Embedding(num_classes, latent_dim)
         self.from_latent = nn.Linear(2 * latent_dim, c[-1] * self.low**2)
-        dec: list[nn.Module] = []
+        self.dec_stages = nn.ModuleList()
+        self.dec_biases = nn.ModuleList()
         for i in range(downsamples, 0, -1):
-            dec += [nn.SiLU(), nn.Conv2d(c[i], c[i], 3, padding=1),
-                    nn.SiLU(), nn.ConvTranspose2d(c[i], c[i - 1], 4, stride=2, padding=1)]
-        self.dec = nn.Sequential(*dec, nn.SiLU(), nn.Conv2d(c[0], channels, 3, padding=1))
+            self.dec_biases.append(nn.Embedding(num_classes, c[i]))
+            self.dec_stages.append(nn.Sequential(nn.SiLU(), nn.Conv2d(c[i], c[i], 3, padding=1), nn.SiLU(),
+                                                 nn.ConvTranspose2d(c[i], c[i - 1], 4, stride=2, padding=1)))
+        for bias in self.dec_biases:
+            nn.init.zeros_(bias.weight)
+        self.to_pixels = nn.Sequential(nn.SiLU(), nn.Conv2d(c[0], channels, 3, padding=1))
         self.fixed_sigma = sigma > 0
         self.register_buffer("log_sigma", torch.tensor(math.log(sigma) if sigma > 0 else 0.0))
 
@@ -57,8 +63,10 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pixel means [n, C, R, R] on the [-1, 1] scale."""
-        h = self.from_latent(torch.cat([z, self.dec_label(y)], 1))
-        return self.dec(h.view(-1, self.low_channels, self.low, self.low))
+        h = self.from_latent(torch.cat([z, self.dec_label(y)], 1)).view(-1, self.low_channels, self.low, self.low)
+        for stage, bias in zip(self.dec_stages, self.dec_biases):
+            h = stage(h + bias(y)[:, :, None, None])
+        return self.to_pixels(h)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(pixel means, posterior mean, posterior log-variance) with z = mean + std * noise."""

@@ -263,9 +263,10 @@ class Run:
                 values.update(self.generated_metrics())
             heldout = getattr(self.family, "heldout_metrics", None)
             if heldout is not None and self.cfg.data.test:
-                values.update(heldout(self.heldout_batches()))
+                figures = heldout(self.heldout_batches())
                 log.info("step %d held-out (%s): %s", step, self.cfg.data.test,
-                         " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                         " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+                values.update(figures)
             tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
         self.acc.wait_for_everyone()
 
