@@ -50,13 +50,19 @@ class DataConfig:
                                  min=0)
     max_corrupt_fraction: float = option(0.001, "share of corrupt samples a worker skips (and logs) "
                                          "before it fails loudly", min=0.0, max=1.0)
+    test: str = option("", "held-out shard set for the families that report held-out figures every "
+                       "train.eval_every steps (VQ-VAE: reconstruction MSE / PSNR / SSIM; VAE: test ELBO); "
+                       "empty = none")
 
 
 @dataclass
 class ModelConfig:
-    family: str = option("gan", "which generative model: gan (gensynth/train/gan.py)", choices=("gan",))
-    resolution: int = option(32, "network resolution, a power of two; 28x28 data is padded to 32 and "
-                             "generated images are cropped back to the data's size", min=8)
+    family: str = option("gan", "which generative model: gan (gensynth/train/gan.py), vqvae (gensynth/train/"
+                         "vqvae.py), prior (over a VQ-VAE's codes, gensynth/train/prior.py), vae "
+                         "(gensynth/train/vae.py)", choices=("gan", "vqvae", "prior", "vae"))
+    resolution: int = option(32, "network resolution: images are padded to it (centred, black) and generated "
+                             "images cropped back to the data's size. gan: a power of two (28x28 data -> 32); "
+                             "vqvae, vae: divisible by 2^downsamples (28 works for 28x28 data)", min=8)
 
 
 @dataclass
@@ -86,6 +92,94 @@ class GANConfig:
 
 
 @dataclass
+class VQVAEConfig:
+    """VQ-VAE (van den Oord et al. 2017) with an EMA codebook; gensynth/models/vqvae.py, quantizer.py."""
+
+    base_channels: int = option(32, "encoder/decoder feature maps at full resolution, doubling per halving",
+                                min=1)
+    max_channels: int = option(64, "cap on feature maps at low resolution", min=1)
+    downsamples: int = option(2, "halvings from image to code grid: 28x28 -> 7x7 codes with 2", min=1, max=6)
+    res_blocks: int = option(2, "residual blocks at the code resolution, encoder and decoder (van den Oord "
+                             "et al. 2017 use 2)", min=0)
+    embed_dim: int = option(64, "encoder output / decoder input channels (the latent vector size)", min=1)
+    codebook_size: int = option(256, "codes K; code shards store them as int16, so at most 32768",
+                                min=2, max=32768)
+    codebook_dim: int = option(0, "lookup dimension: 0 = embed_dim; smaller = factorized codes, a linear "
+                               "projection down for the lookup and back up (Yu et al. 2022, ViT-VQGAN: "
+                               "better codebook usage)", min=0)
+    cosine: bool = option(False, "l2-normalized codes and encoder outputs, lookup by cosine similarity "
+                          "(Yu et al. 2022, ViT-VQGAN)")
+    commitment: float = option(0.25, "commitment cost beta (van den Oord et al. 2017: 0.25)", min=0.0)
+    ema_decay: float = option(0.99, "codebook EMA decay gamma (van den Oord et al. 2017, appendix A.1: 0.99)",
+                              min=0.0, max=1.0)
+    ema_eps: float = option(1e-5, "Laplace smoothing of the EMA counts (van den Oord et al. 2017, appendix)",
+                            min=0.0)
+    kmeans_iters: int = option(10, "k-means iterations that initialise the codebook on the first batch of "
+                               "every rank (Lancucki et al. 2020); 0 = random encoder outputs", min=0)
+    restart_after: int = option(100, "re-seed a code unused for this many batches with a random encoder "
+                                "output (dead-code restart; Lancucki et al. 2020, Dhariwal et al. 2020 Jukebox); "
+                                "0 = never", min=0)
+    usage_window: int = option(100, "codebook usage = share of codes used in the last N batches", min=1)
+    usage_warn: float = option(0.1, "collapse guard: log a warning when codebook usage falls below this "
+                               "share (checked every train.log_every steps, once the window is full)",
+                               min=0.0, max=1.0)
+    lr: float = option(2e-4, "Adam learning rate (van den Oord et al. 2017: 2e-4)", min=0.0)
+    beta1: float = option(0.9, "Adam beta1", min=0.0, max=1.0)
+    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
+    grid_per_class: int = option(2, "images per class in the reconstruction grids (input row over output row); "
+                                 "taken from data.test, else data.train", min=1)
+
+
+@dataclass
+class PriorConfig:
+    """Class-conditional autoregressive transformer over a VQ-VAE's code grids (van den Oord et al. 2017
+    used PixelCNN; a GPT-style decoder as in Esser et al. 2021, VQGAN); gensynth/models/prior.py."""
+
+    vqvae: str = option("", "the VQ-VAE run directory (or its export/) whose codes the prior learns; its "
+                        "export is bundled into the prior's export, so the prior samples images on its own")
+    images: str = option("", "image shard set to encode into code shards (data.train names where they go); "
+                         "empty = the set the VQ-VAE trained on (its export records it)")
+    extract_batch_size: int = option(256, "images per batch when extracting codes (once; reused while the "
+                                     "VQ-VAE export's sha256 matches)", min=1)
+    width: int = option(128, "transformer width (embedding size)", min=8)
+    layers: int = option(4, "transformer blocks", min=1)
+    heads: int = option(4, "attention heads; must divide width", min=1)
+    dropout: float = option(0.1, "dropout in attention and MLP (training only)", min=0.0, max=0.9)
+    lr: float = option(1e-3, "AdamW peak learning rate (small GPTs train well at 1e-3 to 6e-4; nanoGPT)",
+                       min=0.0)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Loshchilov & Hutter 2017)",
+                           min=0.0)
+    warmup_steps: int = option(100, "linear learning-rate warm-up steps (Vaswani et al. 2017)", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices, not on biases, norms or embeddings "
+                                 "(Loshchilov & Hutter 2019; GPT-2 / nanoGPT practice)", min=0.0)
+    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = option(0.95, "AdamW beta2 (0.95 as in GPT-3 / nanoGPT)", min=0.0, max=1.0)
+
+
+@dataclass
+class VAEConfig:
+    """Class-conditional convolutional VAE (Kingma & Welling 2014; Sohn et al. 2015, CVAE);
+    gensynth/models/vae.py."""
+
+    latent_dim: int = option(32, "size of the latent z", min=1)
+    base_channels: int = option(32, "encoder/decoder feature maps at full resolution, doubling per halving",
+                                min=1)
+    max_channels: int = option(128, "cap on feature maps at low resolution", min=1)
+    downsamples: int = option(2, "halvings before the latent's linear layer: 28 -> 7 with 2", min=1, max=6)
+    beta: float = option(1.0, "weight of the KL term once warmed up; 1 = the ELBO, > 1 = beta-VAE "
+                         "(Higgins et al. 2017)", min=0.0)
+    kl_warmup_steps: int = option(1000, "KL weight rises linearly from 0 to beta over these steps (Bowman et al. "
+                                  "2016; Sonderby et al. 2016); 0 = no warm-up", min=0)
+    sigma: float = option(0.6, "decoder standard deviation on [-1, 1] pixels. Like beta it trades sharp "
+                          "reconstructions for a smoother latent that samples well; 0 = the 'optimal sigma' of "
+                          "Rybkin et al. 2021 (sigma-VAE): the RMS error, best ELBO. On Fashion-MNIST (800 steps) "
+                          "a classifier recognised 43% of samples with 0, 71% with 0.5, 80% with 0.8", min=0.0)
+    lr: float = option(1e-3, "Adam learning rate", min=0.0)
+    beta1: float = option(0.9, "Adam beta1", min=0.0, max=1.0)
+    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
+
+
+@dataclass
 class TrainConfig:
     steps: int = option(1500, "optimizer steps in the whole run (a resumed run continues to this count)", min=0)
     batch_size: int = option(128, "samples per step on each process (x processes x grad_accum = global)", min=1)
@@ -111,6 +205,8 @@ class EvalConfig:
                                 "(gensynth/evaluate/metrics.py)")
     num_samples: int = option(1000, "generated (and real) samples per in-training evaluation, balanced over "
                               "classes", min=10)
+    heldout_samples: int = option(10000, "held-out samples (from data.test) per held-out evaluation; "
+                                  "the first N of a fixed order", min=1)
 
 
 @dataclass
@@ -119,6 +215,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

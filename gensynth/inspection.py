@@ -26,6 +26,8 @@ def describe_manifest(location: str, manifest: Manifest) -> list[str]:
     if image:
         lines.append(f"images     {image['height']}x{image['width']}x{image['channels']} {image['dtype']}, "
                      f"{image['encoding']}")
+    for name, spec in (manifest.schema.get("arrays") or {}).items():
+        lines.append(f"array      {name}: {spec['dtype']} {list(spec['shape'])} ({spec['field']})")
     if manifest.class_histogram:
         names = manifest.classes or []
         parts = []
@@ -42,6 +44,11 @@ def describe_manifest(location: str, manifest: Manifest) -> list[str]:
                      f"(run {export.get('run')}, step {export.get('step')}), seed {prov.get('seed')}, "
                      f"options {prov.get('options')}, gensynth {prov.get('gensynth_version')}")
         lines.append(f"trained on {data.get('train')} (manifest {str(data.get('manifest_sha256'))[:12]}...)")
+    elif prov.get("kind") == "codes":
+        vq = prov.get("vqvae", {})
+        lines.append(f"provenance codes of {prov.get('images', {}).get('train', '?')} by the VQ-VAE export "
+                     f"{vq.get('export', '?')} (weights sha256 {str(vq.get('weights_sha256'))[:12]}...), "
+                     f"{prov.get('num_codes', '?')} codes")
     elif prov:
         lines.append(f"provenance {prov.get('kind', '?')} from {prov.get('source', '?')}"
                      + (f", gensynth {prov['gensynth_version']}" if "gensynth_version" in prov else ""))

@@ -1,5 +1,9 @@
 """Image encodings inside shards: PNG (portable) and npy (raw, fastest). Arrays are uint8 HxWxC.
 
+A shard set may also carry non-image arrays, one npy field each (e.g. `codes.npy`: a VQ-VAE's int16
+code grid); `encode_array` / `decode_array` write and read them, checked against the dtype and shape
+that the manifest's schema records (`schema["arrays"]`).
+
 Our PNG writer uses filter type 0 on every row, so decoding our own files is one zlib call and a
 reshape; any other PNG (other filters, palettes, 16-bit) goes through Pillow. Both give the same
 pixels: `decode_image(encode_png(a)) == a` and Pillow reads our files like any PNG.
@@ -20,6 +24,7 @@ IMAGE_EXTENSIONS = ("png", "npy", "jpg", "jpeg")
 _IHDR = struct.Struct(">IIBBBBB")
 _LENGTH = struct.Struct(">I")
 _IEND_HEAD = b"\0\0\0\0IEND"  # an IEND chunk's length (0) and tag
+ARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 
 
 class DecodeError(ValueError):
@@ -193,3 +198,42 @@ def decode_image(data: bytes, ext: str) -> np.ndarray:
     if ext == "npy":
         return decode_npy(data)
     return decode_with_pillow(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-image arrays (one npy field per array: `<name>.npy`)
+
+
+def array_field(name: str) -> str:
+    """The tar member extension an array called `name` is stored under: `codes` -> `codes.npy`."""
+    return f"{name}.npy"
+
+
+def check_array_name(name: str) -> str:
+    if not name.isidentifier() or not name.islower() or name in ("image", "label", "key", "meta", "cls", "json"):
+        raise ValueError(f"array name {name!r}: use a lower-case identifier that is not image, label, key, meta, "
+                         "cls or json (it becomes the field <name>.npy and the batch key)")
+    return name
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """npy bytes of a numeric array (never pickled)."""
+    array = np.asarray(array)
+    if array.dtype.name not in ARRAY_DTYPES:
+        raise ValueError(f"array dtype {array.dtype} is not allowed; use one of {', '.join(ARRAY_DTYPES)}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_array(data: bytes, dtype: str, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """An npy field, checked against the schema's dtype and shape."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DecodeError(f"cannot decode npy: {e}") from None
+    if array.dtype.name != dtype:
+        raise DecodeError(f"array is {array.dtype}, the set's schema says {dtype}")
+    if tuple(array.shape) != tuple(shape):
+        raise DecodeError(f"array has shape {tuple(array.shape)}, the set's schema says {tuple(shape)}")
+    return array

@@ -5,6 +5,10 @@
         ...
     state = loader.state_dict()     # save with the checkpoint; load_state_dict() continues from there
 
+A shard set whose manifest lists arrays (`schema["arrays"]`, e.g. a VQ-VAE's `codes`) yields them
+as batch[name]: a tensor [n, *shape] of the schema's dtype, e.g. int16 [n, 8, 8]; a set of arrays
+without images has no batch["image"].
+
 Under torch.distributed the rank and world size are read from the process group (or RANK /
 WORLD_SIZE); each rank builds its own ShardLoader over the same shard set.
 
@@ -38,7 +42,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gensynth import storage
-from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, decode_image, npy_pixels, png_scanlines
+from gensynth.data.codec import (
+    IMAGE_EXTENSIONS,
+    DecodeError,
+    decode_array,
+    decode_image,
+    npy_pixels,
+    png_scanlines,
+)
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gensynth.data.plan import (
     Segment,
@@ -165,7 +176,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[Shard], batch_size: int, mode: str, seed: int, buffer: int, rank: int,
                  world: int, workers: int, max_corrupt_fraction: float, image_shape: tuple[int, ...] | None,
-                 decode_meta: bool):
+                 decode_meta: bool, arrays: dict[str, dict[str, Any]] | None = None, with_image: bool = True):
         self.shards = shards
         self.counts = [s.samples for s in shards]
         self.batch_size = batch_size
@@ -176,6 +187,8 @@ class ShardDataset(IterableDataset):
         self.max_corrupt_fraction = max_corrupt_fraction
         self.image_shape = image_shape
         self.decode_meta = decode_meta
+        self.arrays = arrays or {}  # name -> {"field", "dtype", "shape"} from the manifest's schema
+        self.with_image = with_image
         self.epoch = 0
         self.skip = [0] * workers  # batches each worker already delivered (resume)
         self.group = 1  # batches per message from a worker (see __iter__); ShardLoader sets it
@@ -280,31 +293,41 @@ class ShardDataset(IterableDataset):
         pixels: list[Any] = []  # per good sample: fast-path bytes (see `kinds`), or a decoded HxWxC array
         kinds: list[str] = []
         layout = None  # "png" (rows with a leading filter byte), "npy" (bare pixels) or "array" (mixed)
+        arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}  # non-image fields (codes)
+        with_image = self.with_image
         bad = 0
         ext = IMAGE_EXTENSIONS[0]
         shape = self.image_shape  # (H, W, C) from the manifest; without one, the first image sets it
         decode_meta = self.decode_meta
         for shard, key, fields in raw:  # the loop runs per sample: kept lean on purpose
             try:
-                data = fields.get(ext)
-                if data is None:  # another image field than the previous sample's
-                    ext = next((e for e in IMAGE_EXTENSIONS if e in fields), IMAGE_EXTENSIONS[0])
+                item: Any = None
+                kind = "none"
+                if with_image:
                     data = fields.get(ext)
-                    if data is None:
-                        raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
-                fast = png_scanlines(data) if ext == "png" else npy_pixels(data) if ext == "npy" else None
-                if fast is not None and shape is None:
-                    shape = self.image_shape = fast[1]
-                if fast is not None and fast[1] == shape:
-                    item: Any = fast[0]
-                    kind = ext
-                else:
-                    item = decode_image(data, ext)
-                    if shape is None:
-                        shape = self.image_shape = item.shape
-                    if item.shape != shape:
-                        raise DecodeError(f"image is {item.shape}, the set's schema says {shape}")
-                    kind = "array"
+                    if data is None:  # another image field than the previous sample's
+                        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), IMAGE_EXTENSIONS[0])
+                        data = fields.get(ext)
+                        if data is None:
+                            raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
+                    fast = png_scanlines(data) if ext == "png" else npy_pixels(data) if ext == "npy" else None
+                    if fast is not None and shape is None:
+                        shape = self.image_shape = fast[1]
+                    if fast is not None and fast[1] == shape:
+                        item = fast[0]
+                        kind = ext
+                    else:
+                        item = decode_image(data, ext)
+                        if shape is None:
+                            shape = self.image_shape = item.shape
+                        if item.shape != shape:
+                            raise DecodeError(f"image is {item.shape}, the set's schema says {shape}")
+                        kind = "array"
+                decoded = {}
+                for name, spec in self.arrays.items():
+                    if spec["field"] not in fields:
+                        raise DecodeError(f"no {spec['field']} field (has {', '.join(sorted(fields)) or 'nothing'})")
+                    decoded[name] = decode_array(fields[spec["field"]], spec["dtype"], spec["shape"])
                 cls = fields.get("cls")
                 label = -1 if cls is None else int(cls)
                 meta = _json_decode(fields["json"].decode("utf-8")) if decode_meta and "json" in fields else None
@@ -316,13 +339,17 @@ class ShardDataset(IterableDataset):
                 layout = kind if layout is None else "array"
             kinds.append(kind)
             pixels.append(item)
+            for name, array in decoded.items():
+                arrays[name].append(array)
             labels.append(label)
             keys.append(key)
             if decode_meta:
                 metas.append(meta)
         h, w, c = shape or (0, 0, 0)
         n = len(keys)
-        if layout == "png":  # bytearray: writable, so torch.from_numpy takes it without a warning
+        if not with_image:
+            images = np.empty((n, 0, 0, 0), dtype=np.uint8)  # dropped again in unpack_message
+        elif layout == "png":  # bytearray: writable, so torch.from_numpy takes it without a warning
             images = np.frombuffer(bytearray().join(pixels), dtype=np.uint8).reshape(n, h, 1 + w * c)[:, :, 1:]
         elif layout == "npy":
             images = np.frombuffer(bytearray().join(pixels), dtype=np.uint8)
@@ -332,9 +359,13 @@ class ShardDataset(IterableDataset):
                 images[i] = _as_image(kind, item, (h, w, c))
         batch = {"image": images.reshape(n, h, w, c).transpose(0, 3, 1, 2),
                  "label": np.array(labels, dtype=np.int64), "key": keys}
+        for name, spec in self.arrays.items():  # numpy here; unpack_message makes them tensors
+            batch[name] = (np.stack(arrays[name]) if arrays[name] else
+                           np.empty((0, *spec["shape"]), dtype=spec["dtype"]))
         if decode_meta:
             batch["meta"] = metas
         return batch, bad
+
 
 
 def pack_message(chunk: list[tuple[int, int, int, dict[str, Any]]]) -> dict[str, Any]:
@@ -357,8 +388,11 @@ def unpack_message(message: dict[str, Any]) -> Iterator[tuple[int, int, int, dic
         images = torch.from_numpy(images)
     start = 0
     for size, (pos, worker, corrupt, batch) in zip(message["sizes"], message["batches"]):
-        yield pos, worker, corrupt, {"image": images[start:start + size], "label": labels[start:start + size],
-                                     **batch}
+        out = {"image": images[start:start + size], "label": labels[start:start + size]}
+        out.update((k, torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items())
+        if images.ndim == 4 and images.shape[1] == 0:  # a set of arrays only: no images
+            del out["image"]
+        yield pos, worker, corrupt, out
         start += size
 
 
@@ -400,15 +434,20 @@ class ShardLoader:
         self.shards, self.manifest = resolve_shards(source)
         if not self.shards:
             raise UsageError(f"{source}: no shards")
-        image = (self.manifest.schema.get("image") if self.manifest else None) or None
+        schema = self.manifest.schema if self.manifest else {}
+        image = schema.get("image") or None
         shape = (image["height"], image["width"], image["channels"]) if image else None
+        self.arrays: dict[str, dict[str, Any]] = dict(schema.get("arrays") or {})
+        # images unless the manifest describes a set of arrays only (without a manifest: images, as always)
+        with_image = image is not None or not self.arrays
         self.num_workers = num_workers
         self.mode = mode
         self.batch_size = batch_size
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardDataset(self.shards, batch_size, mode, seed, shuffle_buffer, self.rank,
-                                    self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta)
+                                    self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta,
+                                    self.arrays, with_image)
         if num_workers and shape is not None:  # several small batches per message (see GROUP_BYTES)
             batch_bytes = batch_size * shape[0] * shape[1] * shape[2]
             self.dataset.group = max(1, min(MAX_GROUP, GROUP_BYTES // batch_bytes))

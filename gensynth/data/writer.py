@@ -4,6 +4,10 @@
         w.add("train-00000000", image, label=9, meta={"source_index": 0})
         manifest = w.finish(classes=names, provenance={...})
 
+A sample may carry arrays besides (or instead of) its image: `w.add(key, None, label=3,
+arrays={"codes": grid})` stores `codes.npy`; every sample of a set has the same arrays, each of one
+dtype and shape, recorded in the manifest's `schema["arrays"]`.
+
 Leaving the `with` block on an exception removes every shard this writer published, so a failed
 ingest leaves no shard set that looks complete (and no manifest is ever written for it).
 """
@@ -20,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from gensynth import storage
-from gensynth.data.codec import as_hwc, encode_image
+from gensynth.data.codec import array_field, as_hwc, check_array_name, encode_array, encode_image
 from gensynth.data.manifest import Manifest, ShardInfo, write_manifest
 from gensynth.data.tario import TarShardWriter
 
@@ -69,6 +73,7 @@ class ShardSetWriter:
         self.histogram: Counter[int] = Counter()
         self.image_shape: tuple[int, ...] | None = None
         self.labelled: bool | None = None
+        self.arrays: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (dtype, shape)
         self._stack: contextlib.ExitStack | None = None
         self._tar: TarShardWriter | None = None
         self._hashing: _HashingFile | None = None
@@ -81,19 +86,29 @@ class ShardSetWriter:
         if exc_type is not None:
             self.abort(exc)
 
-    def add(self, key: str, image: np.ndarray, label: int | None = None, meta: dict | None = None) -> None:
-        image = as_hwc(image)
-        if self.image_shape is None:
-            self.image_shape = image.shape
-        elif image.shape != self.image_shape:
-            raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, "
-                             f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x{self.image_shape[2]} "
-                             "(one size per shard set)")
+    def add(self, key: str, image: np.ndarray | None, label: int | None = None, meta: dict | None = None,
+            arrays: dict[str, np.ndarray] | None = None) -> None:
+        fields: dict[str, bytes] = {}
+        if image is not None or (self.image_shape is not None):
+            if image is None:
+                raise ValueError(f"sample {key}: no image, the samples before it have one")
+            image = as_hwc(image)
+            if self.image_shape is None:
+                if self.labelled is not None:  # samples were added before, without an image
+                    raise ValueError(f"sample {key}: has an image, the samples before it have none")
+                self.image_shape = image.shape
+            elif image.shape != self.image_shape:
+                raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, "
+                                 f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x"
+                                 f"{self.image_shape[2]} (one size per shard set)")
+            fields[self.encoding] = encode_image(image, self.encoding)
+        fields.update(self._array_fields(key, arrays or {}))
+        if not fields:
+            raise ValueError(f"sample {key}: needs an image or at least one array")
         if self.labelled is None:
             self.labelled = label is not None
         elif self.labelled != (label is not None):
             raise ValueError(f"sample {key}: some samples have a label and some do not")
-        fields = {self.encoding: encode_image(image, self.encoding)}
         if label is not None:
             fields["cls"] = str(int(label)).encode("ascii")
             self.histogram[int(label)] += 1
@@ -104,6 +119,22 @@ class ShardSetWriter:
         self._tar.write(key, fields)
         if self._tar.count >= self.shard_size:
             self.end_shard()
+
+    def _array_fields(self, key: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+        """npy fields for the sample's arrays; the first sample fixes each array's name, dtype and shape."""
+        described = {name: (np.asarray(a).dtype.name, tuple(np.shape(a))) for name, a in arrays.items()}
+        if self.arrays is None:
+            for name in described:
+                check_array_name(name)
+            self.arrays = described
+        elif described != self.arrays:
+            raise ValueError(f"sample {key}: arrays {self._describe(described)}, the set so far has "
+                             f"{self._describe(self.arrays)} (the same arrays in every sample)")
+        return {array_field(name): encode_array(a) for name, a in arrays.items()}
+
+    @staticmethod
+    def _describe(arrays: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+        return ", ".join(f"{n} {d}{list(s)}" for n, (d, s) in sorted(arrays.items())) or "none"
 
     def _open_shard(self) -> None:
         name = shard_name(self.split, len(self.shards))
@@ -130,6 +161,9 @@ class ShardSetWriter:
             h, w, c = self.image_shape
             schema["image"] = {"field": self.encoding, "encoding": self.encoding, "height": h, "width": w,
                                "channels": c, "dtype": "uint8"}
+        if self.arrays:
+            schema["arrays"] = {name: {"field": array_field(name), "dtype": dtype, "shape": list(shape)}
+                                for name, (dtype, shape) in sorted(self.arrays.items())}
         if self.labelled:
             schema["cls"] = "int"
         schema["json"] = "object"

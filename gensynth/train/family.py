@@ -23,6 +23,8 @@ class DataInfo:
     num_classes: int
     classes: list[str]
     manifest_sha256: str | None
+    inputs: str = "image"  # the batch field a step trains on: "image", or an array such as a VQ-VAE's "codes"
+    images: str | None = None  # the image shard set behind the data (for a code set: the one it encodes)
 
 
 @dataclass
@@ -32,6 +34,13 @@ class StepResult:
 
 
 class Family(Protocol):
+    """What the loop calls. Optional, read with getattr by the loop:
+    - `grid_name` (default "samples"): the tag and file name of `sample_grid()`'s image;
+    - `generates` (default True): False for a family that cannot sample (a VQ-VAE alone), whose
+      in-training eval.metrics on generated samples are skipped;
+    - `heldout_metrics(batches)`: figures on held-out data (data.test), batches of (network images, labels).
+    """
+
     family: str
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult: ...
@@ -87,9 +96,29 @@ def params_digest(modules: dict[str, nn.Module]) -> str:
     return h.hexdigest()
 
 
+def prepare_data(cfg: Any, accelerator: Accelerator) -> None:
+    """Work a family needs done before its data can be read: the prior's code shards (extracted once)."""
+    if cfg.model.family == "prior":
+        from gensynth.train.prior import ensure_code_shards
+
+        ensure_code_shards(cfg, accelerator)
+
+
 def build_family(cfg: Any, accelerator: Accelerator, data: DataInfo) -> Family:
     if cfg.model.family == "gan":
         from gensynth.train.gan import GANTrainer
 
         return GANTrainer(cfg, accelerator, data)
+    if cfg.model.family == "vqvae":
+        from gensynth.train.vqvae import VQVAETrainer
+
+        return VQVAETrainer(cfg, accelerator, data)
+    if cfg.model.family == "prior":
+        from gensynth.train.prior import PriorTrainer
+
+        return PriorTrainer(cfg, accelerator, data)
+    if cfg.model.family == "vae":
+        from gensynth.train.vae import VAETrainer
+
+        return VAETrainer(cfg, accelerator, data)
     raise ValueError(f"unknown model family {cfg.model.family!r}")

@@ -34,7 +34,7 @@ from gensynth.evaluate.metrics import check_metrics, evaluate
 from gensynth.export import save_export
 from gensynth.imaging import to_network
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gensynth.train.family import DataInfo, Family, build_family, params_digest, sync_buffers
+from gensynth.train.family import DataInfo, Family, build_family, params_digest, prepare_data, sync_buffers
 from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.tracking import Tracker
 
@@ -59,15 +59,27 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 
 def data_info(loader: ShardLoader, source: str) -> DataInfo:
+    """The data as a family sees it: an image shard set, or a set of arrays (a VQ-VAE's code shards) whose
+    manifest provenance records the images behind them."""
     manifest = loader.manifest
-    if manifest is None or "image" not in manifest.schema:
-        raise UsageError(f"{source}: training needs a shard set with a manifest.json that describes its images")
-    image = manifest.schema["image"]
+    schema = manifest.schema if manifest is not None else {}
+    arrays = schema.get("arrays") or {}
+    image = schema.get("image") or (manifest.provenance.get("image") if arrays else None)
+    if manifest is None or image is None:
+        raise UsageError(f"{source}: training needs a shard set with a manifest.json that describes its images "
+                         "(or, for a prior, code shards that record the images they encode)")
     labels = sorted(int(k) for k in manifest.class_histogram)
     num_classes = max(len(manifest.classes or []), (labels[-1] + 1) if labels else 1)
     classes = manifest.classes or [str(i) for i in range(num_classes)]
+    if "image" in schema:
+        inputs, images = "image", source
+    else:
+        if len(arrays) != 1:
+            raise UsageError(f"{source}: a shard set without images must hold exactly one array to train on, "
+                             f"it holds {', '.join(arrays) or 'none'}")
+        inputs, images = next(iter(arrays)), (manifest.provenance.get("images") or {}).get("train")
     return DataInfo(image["height"], image["width"], image["channels"], num_classes, classes,
-                    manifest_sha256(source))
+                    manifest_sha256(source), inputs, images)
 
 
 def endless(loader: ShardLoader):
@@ -110,6 +122,7 @@ class Run:
         if self.acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(dump_yaml(cfg))
+        prepare_data(cfg, self.acc)  # e.g. the prior's code shards, extracted once by the main process
         self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
                                   seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                   num_workers=cfg.data.num_workers, rank=self.acc.process_index,
@@ -134,10 +147,14 @@ class Run:
     # -- checkpoints
 
     def save(self) -> Path:
+        # before the buffers are averaged: tells whether the ranks kept their buffers (e.g. a VQ-VAE's
+        # codebook) in sync by themselves
+        local_digest = params_digest(self.family.modules())
         sync_buffers(self.family.modules())
         rank_state = {"rank": self.acc.process_index, "loader": self.loader.state_dict(),
                       "data_digest": self.data_digest, "samples_seen": self.samples_seen,
-                      "params_digest": params_digest(self.family.modules())}
+                      "params_digest": params_digest(self.family.modules()),
+                      "params_digest_before_sync": local_digest}
         return save_checkpoint(self.acc, self.ckpt_dir, self.state["step"], self.state, rank_state,
                                self.cfg.train.keep_checkpoints)
 
@@ -174,10 +191,10 @@ class Run:
                         batch = next(batches)
                         timing["data"] += time.perf_counter() - t_wait
                         self.note_data(batch["key"])
-                        images = to_network(batch["image"].to(acc.device, non_blocking=True), cfg.model.resolution)
+                        inputs = self.inputs(batch)
                         labels = batch["label"].to(acc.device, non_blocking=True)
-                        result = self.family.train_step(images, labels, self.state["step"])
-                        timing["images"] += images.shape[0]
+                        result = self.family.train_step(inputs, labels, self.state["step"])
+                        timing["images"] += inputs.shape[0]
                     stop_now, nonfinite = all_agree([stop.requested, result.nonfinite], acc.device)
                     self.state["step"] += 1
                     step = self.state["step"]
@@ -195,7 +212,7 @@ class Run:
                         sums, counted = defaultdict(float), 0
                         timing = {"data": 0.0, "total": 0.0, "images": 0}
                     if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                        tracker.grid(step, "samples", self.family.sample_grid())
+                        tracker.grid(step, getattr(self.family, "grid_name", "samples"), self.family.sample_grid())
                     if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                         self.evaluate(tracker, step)
                     if stop_now:
@@ -212,6 +229,12 @@ class Run:
             tracker.close()
         self.write_export()
         return 0
+
+    def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Images as float [n, C, R, R] in [-1, 1]; arrays (codes) as int64 as they are."""
+        if self.data.inputs == "image":
+            return to_network(batch["image"].to(self.acc.device, non_blocking=True), self.cfg.model.resolution)
+        return batch[self.data.inputs].to(self.acc.device, non_blocking=True).long()
 
     def on_nonfinite(self) -> None:
         self.streak += 1
@@ -232,23 +255,47 @@ class Run:
         self.streak = 0
 
     def evaluate(self, tracker: Tracker, step: int) -> None:
-        """The eval.metrics plug-ins on the main process, on fixed noise and a fixed real sample."""
+        """On the main process: the eval.metrics plug-ins on fixed noise and a fixed real sample (families
+        that generate), and the family's held-out figures on data.test (families that have them)."""
         if self.acc.is_main_process:
-            n = self.cfg.eval.num_samples
-            if self.reference is None:
-                images, labels = [], []
-                for batch in ShardLoader(self.cfg.data.train, batch_size=min(n, 500), mode="exact", rank=0,
-                                         world_size=1, seed=self.cfg.run.seed, decode_meta=False):
-                    images.append(batch["image"])
-                    labels.append(batch["label"])
-                    if sum(map(len, labels)) >= n:
-                        break
-                self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
-            fake_labels = torch.arange(n) % self.data.num_classes
-            fake = self.family.generate(fake_labels, seed=self.cfg.run.seed + 1)
-            values = evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference)
+            values: dict[str, float] = {}
+            if self.cfg.eval.metrics and getattr(self.family, "generates", True):
+                values.update(self.generated_metrics())
+            heldout = getattr(self.family, "heldout_metrics", None)
+            if heldout is not None and self.cfg.data.test:
+                figures = heldout(self.heldout_batches())
+                log.info("step %d held-out (%s): %s", step, self.cfg.data.test,
+                         " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+                values.update(figures)
             tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
         self.acc.wait_for_everyone()
+
+    def generated_metrics(self) -> dict[str, float]:
+        n = self.cfg.eval.num_samples
+        if self.reference is None:
+            images, labels = [], []
+            for batch in ShardLoader(self.data.images or self.cfg.data.train, batch_size=min(n, 500), mode="exact",
+                                     rank=0, world_size=1, seed=self.cfg.run.seed, decode_meta=False):
+                images.append(batch["image"])
+                labels.append(batch["label"])
+                if sum(map(len, labels)) >= n:
+                    break
+            self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
+        fake_labels = torch.arange(n) % self.data.num_classes
+        fake = self.family.generate(fake_labels, seed=self.cfg.run.seed + 1)
+        return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference)
+
+    def heldout_batches(self, batch_size: int = 500):
+        """(network images, labels) of the first eval.heldout_samples of data.test, in a fixed order."""
+        left = self.cfg.eval.heldout_samples
+        loader = ShardLoader(self.cfg.data.test, batch_size=batch_size, mode="exact", rank=0, world_size=1,
+                             seed=self.cfg.run.seed, shuffle_buffer=0, decode_meta=False)
+        for batch in loader:
+            if left <= 0:
+                break
+            images = to_network(batch["image"][:left].to(self.acc.device), self.cfg.model.resolution)
+            left -= images.shape[0]
+            yield images, batch["label"][:images.shape[0]].to(self.acc.device)
 
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
                     timing: dict[str, float]) -> None:

@@ -1,0 +1,183 @@
+"""The VQ-VAE family's step: reconstruction (MSE) + commitment loss through a vector quantizer whose
+EMA codebook learns inside the forward pass (gensynth/models/quantizer.py); one Adam optimizer for the
+encoder and decoder (and the factorized codebook's projections).
+
+Logged: loss/recon, loss/commitment, vq/usage (share of codes used in the last vqvae.usage_window
+batches), vq/perplexity, vq/restarted (dead codes re-seeded per step) and vq/restarts_total;
+reconstruction grids (input row over output row); every train.eval_every steps, held-out MSE, PSNR
+and SSIM on data.test (gensynth/train/reconstruction.py) and the codes' usage there. A warning is
+logged when codebook usage falls below vqvae.usage_warn (the collapse guard).
+
+A VQ-VAE alone does not generate: its export reconstructs; the prior (gensynth/train/prior.py) makes
+new images from its codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from gensynth.config import Config
+from gensynth.data.stream import ShardLoader
+from gensynth.errors import UsageError
+from gensynth.imaging import to_uint8
+from gensynth.models.quantizer import perplexity
+from gensynth.models.vqvae import VQVAE
+from gensynth.sampling import vqvae_reconstruct
+from gensynth.train.family import DataInfo, StepResult, clip_and_step
+from gensynth.train.reconstruction import summarize
+from gensynth.train.tracking import image_grid
+
+log = logging.getLogger("gensynth")
+
+
+def vqvae_architecture(cfg: Config, data: DataInfo) -> dict[str, Any]:
+    v = cfg.vqvae
+    return dict(resolution=cfg.model.resolution, channels=data.channels, base_channels=v.base_channels,
+                max_channels=v.max_channels, downsamples=v.downsamples, res_blocks=v.res_blocks,
+                embed_dim=v.embed_dim, codebook_size=v.codebook_size, codebook_dim=v.codebook_dim, cosine=v.cosine,
+                commitment=v.commitment, decay=v.ema_decay, eps=v.ema_eps, kmeans_iters=v.kmeans_iters,
+                restart_after=v.restart_after, usage_window=v.usage_window)
+
+
+def grid_images(source: str, per_class: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [per_class * num_classes, C, H, W]: the first `per_class` images of each class in a fixed pass
+    over `source`, ordered round by round (class 0..K-1, then again). A class with too few images repeats."""
+    found: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+    for batch in ShardLoader(source, batch_size=256, mode="exact", rank=0, world_size=1, seed=seed,
+                             shuffle_buffer=0, decode_meta=False):
+        for image, label in zip(batch["image"], batch["label"].tolist()):
+            if 0 <= label < num_classes and len(found[label]) < per_class:
+                found[label].append(image)
+        if all(len(v) >= per_class for v in found.values()):
+            break
+    fallback = next((v[0] for v in found.values() if v), None)
+    if fallback is None:
+        raise UsageError(f"{source}: no labelled images for the reconstruction grid")
+    rounds = [[(found[c][r] if r < len(found[c]) else (found[c] or [fallback])[0]) for c in range(num_classes)]
+              for r in range(per_class)]
+    return torch.stack([image for row in rounds for image in row])
+
+
+class VQVAETrainer:
+    family = "vqvae"
+    grid_name = "reconstructions"
+    generates = False  # a prior over the codes generates; see gensynth/train/prior.py
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
+        v = cfg.vqvae
+        self.cfg, self.accelerator, self.data = cfg, accelerator, data
+        self.arch = vqvae_architecture(cfg, data)
+        try:
+            model = VQVAE(**self.arch)
+        except ValueError as e:
+            raise UsageError(f"model.resolution / vqvae.downsamples: {e}") from None
+        opt = torch.optim.Adam(model.parameters(), lr=v.lr, betas=(v.beta1, v.beta2))
+        self.model, self.opt = accelerator.prepare(model, opt)
+        self.raw: VQVAE = accelerator.unwrap_model(self.model)
+        self.grid_inputs: torch.Tensor | None = None
+        self.heldout: dict[str, float] = {}  # the latest held-out figures, recorded in the export
+        self.warned_at = -1
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                recon, q = self.model(images)
+            recon_loss = F.mse_loss(recon.float(), images)
+            acc.backward(recon_loss + q.commitment)
+            norm = clip_and_step(acc, self.model, self.opt, self.cfg.train.grad_clip)
+        metrics = {"loss/recon": recon_loss.detach(), "loss/commitment": q.commitment.detach(),
+                   **{f"vq/{k}": v for k, v in q.stats.items()}}
+        if acc.sync_gradients:
+            metrics["grad_norm"] = norm
+        self.collapse_guard(step + 1)
+        nonfinite = not bool(torch.isfinite(recon_loss.detach()) & torch.isfinite(q.commitment.detach()))
+        return StepResult(metrics, nonfinite)
+
+    def collapse_guard(self, step: int) -> None:
+        """Warn (main process, every train.log_every steps) when codebook usage is below vqvae.usage_warn."""
+        v, quantizer = self.cfg.vqvae, self.raw.quantizer
+        if step % self.cfg.train.log_every or not self.accelerator.is_main_process:
+            return
+        if int(quantizer.batches) < v.usage_window:
+            return  # the window is not full yet
+        usage = float(quantizer.usage())
+        if usage < v.usage_warn:
+            used = round(usage * quantizer.codebook_size)
+            log.warning("step %d: codebook collapse: usage %.1f%% (%d of %d codes used in the last %d batches) is "
+                        "below vqvae.usage_warn=%g; try vqvae.restart_after (now %d), a smaller vqvae.codebook_size, "
+                        "a factorized (vqvae.codebook_dim) or cosine (vqvae.cosine=true) codebook",
+                        step, 100 * usage, used, quantizer.codebook_size, v.usage_window, v.usage_warn,
+                        v.restart_after)
+            self.warned_at = step
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"vqvae": self.raw}
+
+    def after_restore(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.vqvae.lr
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr": self.opt.param_groups[0]["lr"]}
+
+    def sample_grid(self) -> np.ndarray:
+        """Reconstruction grid: pairs of rows, inputs (one per class) over their reconstructions."""
+        if self.grid_inputs is None:
+            self.grid_inputs = grid_images(self.cfg.data.test or self.cfg.data.train, self.cfg.vqvae.grid_per_class,
+                                           self.data.num_classes, self.cfg.run.seed)
+        return reconstruction_grid(self.grid_inputs, vqvae_reconstruct(self.raw, self.grid_inputs, self.data.height,
+                                                                       self.data.width), self.data.num_classes)
+
+    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        raise UsageError("a VQ-VAE does not generate on its own: train the prior over its codes")
+
+    @torch.no_grad()
+    def heldout_metrics(self, batches) -> dict[str, float]:
+        """MSE, PSNR, SSIM of uint8 reconstructions of held-out images; the codes' usage and perplexity there."""
+        originals, recons, codes = [], [], []
+        self.raw.eval()
+        try:
+            for images, _ in batches:
+                recon, q = self.raw(images)
+                originals.append(to_uint8(images, self.data.height, self.data.width).cpu())
+                recons.append(to_uint8(recon, self.data.height, self.data.width).cpu())
+                codes.append(q.codes.cpu())
+        finally:
+            self.raw.train()
+        if not originals:
+            return {}
+        size = self.raw.codebook_size
+        all_codes = torch.cat(codes)
+        used = torch.bincount(all_codes.reshape(-1), minlength=size).gt(0).float().mean()
+        self.heldout = {**summarize(originals, recons), "code_usage": float(used),
+                        "code_perplexity": perplexity(all_codes, size), "samples": float(len(all_codes))}
+        return {k: v for k, v in self.heldout.items() if k != "samples"}
+
+    def codebook_figures(self) -> dict[str, float]:
+        q = self.raw.quantizer
+        return {"usage": float(q.usage()), "restarts_total": int(q.restarts), "batches": int(q.batches),
+                "dead_now": int(q.dead_codes().sum()) if q.restart_after > 0 else 0}
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Encoder, codebook (with its EMA statistics) and decoder; reconstructs and encodes, does not sample."""
+        return dict(self.raw.state_dict()), {
+            "family": self.family, "architecture": dict(self.arch), "vqvae": asdict(self.cfg.vqvae),
+            "codebook": self.codebook_figures(), "heldout": dict(self.heldout),
+            "grid": [self.raw.grid, self.raw.grid]}
+
+
+def reconstruction_grid(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int) -> np.ndarray:
+    """Rows of `per_row` inputs, each followed by the row of their reconstructions."""
+    rows = []
+    for i in range(0, len(inputs), per_row):
+        rows += [inputs[i:i + per_row], outputs[i:i + per_row]]
+    images = torch.cat(rows).permute(0, 2, 3, 1).numpy()
+    return image_grid(images, rows=len(rows))

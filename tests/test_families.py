@@ -1,0 +1,332 @@
+"""The VQ-VAE, its prior and the VAE on the shared training loop, for real: subprocesses, kill -9 and
+resume, real gloo ranks, TensorBoard events, exports loaded through gensynth.sampling.
+
+Tiny configs (8x8 toy images, 8-channel nets) keep steps to milliseconds: these tests check the
+machinery (codebook sync, resume, export, collapse guard), not image quality.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gensynth.data.codec import decode_png
+from gensynth.errors import UsageError
+from gensynth.export import load_export
+from gensynth.sampling import PriorSampler, VAESampler, VQVAESampler, load_sampler
+from gensynth.train.checkpoint import complete_checkpoints, latest_checkpoint
+from gensynth.train.tracking import image_grid
+from gensynth.train.vqvae import grid_images, reconstruction_grid
+from tests.conftest import free_port, write_shard_set
+from tests.test_train import TIMEOUT_S, env, gensynth, launch_cmd, rank_state, run_dir, run_launches
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    write_shard_set(root / "train", [40, 33, 30])
+    write_shard_set(root / "test", [25], split="test")
+    return {"train": str(root / "train"), "test": str(root / "test"), "root": str(root)}
+
+
+def tiny_config(folder: Path, toy: dict[str, str], family: str, **overrides) -> Path:
+    cfg = {
+        "run": {"name": family, "root": str(folder / "runs"), "seed": 0},
+        "data": {"train": toy["train"], "mode": "resampled", "num_workers": 0, "shuffle_buffer": 16},
+        "model": {"family": family, "resolution": 8},
+        "train": {"steps": 20, "batch_size": 8, "log_every": 5, "sample_every": 10, "checkpoint_every": 10,
+                  "eval_every": 10, "threads": 1},
+        "eval": {"num_samples": 30, "heldout_samples": 20},
+        "vqvae": {"base_channels": 8, "max_channels": 16, "downsamples": 1, "res_blocks": 1, "embed_dim": 8,
+                  "codebook_size": 16, "kmeans_iters": 2, "restart_after": 3, "usage_window": 3, "usage_warn": 0.0,
+                  "grid_per_class": 1},
+        "prior": {"width": 16, "layers": 1, "heads": 2, "warmup_steps": 5, "extract_batch_size": 32},
+        "vae": {"latent_dim": 4, "base_channels": 8, "max_channels": 16, "downsamples": 1, "kl_warmup_steps": 10},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{family}-{len(list(folder.glob(f'{family}-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_ok(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = gensynth("train", str(config), *overrides)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def last_grid(run: Path, name: str) -> np.ndarray:
+    path = sorted((run / "samples").glob(f"{name}-step-*.png"))[-1]
+    return decode_png(path.read_bytes())
+
+
+def events(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def vqvae_run(toy, tmp_path_factory) -> dict:
+    """A tiny trained VQ-VAE, with held-out evaluation on the toy test split."""
+    folder = tmp_path_factory.mktemp("vqvae")
+    config = tiny_config(folder, toy, "vqvae", data__test=toy["test"], train__steps=30)
+    done = train_ok(config)
+    return {"config": config, "run": run_dir(config), "stderr": done.stderr}
+
+
+def kill_after_a_checkpoint_then_resume(config: Path, steps: int) -> tuple[Path, subprocess.CompletedProcess]:
+    """Start training, kill -9 once a random checkpoint (after the first) exists, resume to the end."""
+    target = random.Random().randrange(40, steps - 60, 20)
+    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(config)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir(config) / "checkpoints"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(ckpts)
+    assert int(last.name.split("-")[1]) < steps and not (run_dir(config) / "export").exists()
+    resumed = train_ok(config)
+    assert f"resumed from {last}" in resumed.stderr
+    return last, resumed
+
+
+def assert_bitwise_equal_runs(a: Path, b: Path) -> None:
+    ta, _ = load_export(a)
+    tb, _ = load_export(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    fa, fb = latest_checkpoint(a / "checkpoints"), latest_checkpoint(b / "checkpoints")
+    assert rank_state(fa)["data_digest"] == rank_state(fb)["data_digest"]
+    assert rank_state(fa)["params_digest"] == rank_state(fb)["params_digest"]
+    assert json.loads((fb / "trainer.json").read_text())["resumes"] == 1
+
+
+# -- VQ-VAE
+
+
+def test_vqvae_kill9_then_resume_equals_an_uninterrupted_run(toy, tmp_path):
+    steps = 200
+    kw = dict(train__steps=steps, train__checkpoint_every=20, train__eval_every=0, train__sample_every=1000)
+    reference = tiny_config(tmp_path / "a", toy, "vqvae", **kw)
+    train_ok(reference)
+    killed = tiny_config(tmp_path / "b", toy, "vqvae", **kw)
+    kill_after_a_checkpoint_then_resume(killed, steps)
+    # bitwise: encoder, decoder and the whole codebook state (EMA counts and sums, usage, restarts)
+    assert_bitwise_equal_runs(run_dir(reference), run_dir(killed))
+    _, config = load_export(run_dir(killed))
+    assert config["codebook"]["restarts_total"] > 0, "dead-code restarts (random) happened across the resume"
+
+
+def test_vqvae_logs_codebook_figures_heldout_quality_and_reconstruction_grids(vqvae_run):
+    run = vqvae_run["run"]
+    acc = events(run)
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("loss/recon", "loss/commitment", "vq/usage", "vq/perplexity", "vq/restarted", "vq/restarts_total",
+                "eval/mse", "eval/psnr", "eval/ssim", "eval/code_usage", "eval/code_perplexity", "grad_norm", "lr"):
+        assert tag in scalars, tag
+    assert "eval/variety" not in scalars, "a VQ-VAE alone does not generate"
+    assert [e.step for e in acc.Scalars("eval/psnr")] == [10, 20, 30]
+    usage = [e.value for e in acc.Scalars("vq/usage")]
+    assert all(0 < u <= 1 for u in usage)
+    assert [g.step for g in acc.Images("reconstructions")] == [10, 20, 30]
+    grid = last_grid(run, "reconstructions")
+    assert grid.shape == (2 * (8 + 2) + 2, 10 * (8 + 2) + 2, 1)  # input row over output row, one per class
+    _, config = load_export(run)
+    assert config["family"] == "vqvae" and config["grid"] == [4, 4]
+    assert 0 < config["heldout"]["ssim"] <= 1 and config["heldout"]["psnr"] > 0
+    assert 0 < config["codebook"]["usage"] <= 1
+    assert "codebook collapse" not in vqvae_run["stderr"]
+
+
+def test_vqvae_export_reproduces_the_reconstruction_grid_and_refuses_to_sample(vqvae_run, toy):
+    run = vqvae_run["run"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
+    sampler = load_sampler(run)
+    assert isinstance(sampler, VQVAESampler) and sampler.classes == [f"c{i}" for i in range(10)]
+    inputs = grid_images(toy["test"], 1, 10, seed=0)
+    grid = reconstruction_grid(inputs, sampler.reconstruct(inputs), 10)
+    assert np.array_equal(grid, last_grid(run, "reconstructions"))
+    codes = sampler.encode(inputs)
+    assert codes.shape == (10, 4, 4) and codes.dtype == torch.int64 and int(codes.max()) < 16
+    with pytest.raises(UsageError, match="train the prior"):
+        sampler.sample(torch.arange(3), torch.Generator().manual_seed(0))
+
+
+def test_collapse_guard_warns_when_codebook_usage_falls_below_the_threshold(toy, tmp_path):
+    # 2x2 codes per 8x8 image, 8 images a batch: a 2-batch window sees at most 64 of 256 codes, usage <= 25%
+    config = tiny_config(tmp_path, toy, "vqvae", model__resolution=8, vqvae__downsamples=2,
+                         vqvae__codebook_size=256, vqvae__usage_window=2, vqvae__restart_after=0,
+                         vqvae__usage_warn=0.5, train__steps=10, train__eval_every=0)
+    done = train_ok(config)
+    warnings = [line for line in done.stderr.splitlines() if "codebook collapse" in line]
+    assert len(warnings) == 2 and "WARNING" in warnings[0], done.stderr[-3000:]  # steps 5 and 10
+    assert "below vqvae.usage_warn=0.5" in warnings[0]
+
+
+@pytest.mark.multiprocess
+def test_codebooks_identical_across_two_gloo_processes(toy, tmp_path):
+    # 256 codes for 256 encoder outputs a step (both ranks): some go unused, so restarts happen too
+    config = tiny_config(tmp_path, toy, "vqvae", train__steps=12, train__checkpoint_every=6, train__eval_every=0,
+                         vqvae__codebook_size=256, vqvae__restart_after=2, vqvae__usage_window=2)
+    results = run_launches([launch_cmd(config, port=free_port())])
+    assert results[0].returncode == 0, results[0].stdout[-4000:]
+    for ckpt in (run_dir(config) / "checkpoints").iterdir():
+        r0, r1 = rank_state(ckpt, 0), rank_state(ckpt, 1)
+        # before any averaging at the checkpoint: the ranks kept the same codebook by themselves
+        assert r0["params_digest_before_sync"] == r1["params_digest_before_sync"], ckpt.name
+        assert r0["data_digest"] != r1["data_digest"], "ranks consumed the same data"
+    _, export = load_export(run_dir(config))
+    assert export["codebook"]["restarts_total"] > 0 and export["codebook"]["batches"] == 12
+
+
+# -- code shards and the prior over them
+
+
+def test_code_shards_round_trip_are_reused_and_refuse_another_vqvae(vqvae_run, toy, tmp_path):
+    from gensynth.data.manifest import manifest_sha256
+    from gensynth.data.stream import ShardLoader
+    from gensynth.export import save_export
+    from gensynth.train.codes import ensure_codes
+
+    export = str(vqvae_run["run"])
+    out = str(tmp_path / "codes")
+    manifest = ensure_codes(export, toy["train"], out, batch_size=16)
+    prov = manifest.provenance
+    assert prov["kind"] == "codes" and prov["vqvae"]["weights_sha256"] == load_export(export)[1]["weights_sha256"]
+    assert prov["images"] == {"train": toy["train"], "manifest_sha256": manifest_sha256(toy["train"])}
+    assert prov["num_codes"] == 16 and prov["grid"] == [4, 4] and manifest.num_samples == 103
+    assert manifest.schema["arrays"]["codes"] == {"field": "codes.npy", "dtype": "int16", "shape": [4, 4]}
+    # every grid is what the export's encoder gives for that image, under the same key and label
+    sampler = load_sampler(export)
+    expected = {}
+    for batch in ShardLoader(toy["train"], batch_size=50, mode="exact", shuffle_buffer=0):
+        for key, label, codes in zip(batch["key"], batch["label"].tolist(), sampler.encode(batch["image"])):
+            expected[key] = (label, codes)
+    got = {}
+    for batch in ShardLoader(out, batch_size=32, mode="exact", num_workers=2):
+        for key, label, codes in zip(batch["key"], batch["label"].tolist(), batch["codes"]):
+            got[key] = (label, codes)
+    assert got.keys() == expected.keys()
+    assert all(got[k][0] == expected[k][0] and torch.equal(got[k][1].long(), expected[k][1]) for k in got)
+    from gensynth.inspection import inspect
+
+    lines, ok = inspect(out, verify=True)
+    assert ok and "array      codes: int16 [4, 4] (codes.npy)" in lines
+    assert any(line.startswith("provenance codes of") and "16 codes" in line for line in lines)
+    # reused, not rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    assert ensure_codes(export, toy["train"], out) == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps
+    # another VQ-VAE (other weights): refused, nothing overwritten
+    tensors, config = load_export(export)
+    other = tmp_path / "other"
+    save_export(other, {k: v + 1 if k == "decoder.net.0.bias" else v for k, v in tensors.items()},
+                {k: v for k, v in config.items() if k not in ("weights_sha256", "format", "gensynth_version")})
+    with pytest.raises(UsageError, match="another VQ-VAE export"):
+        ensure_codes(str(other), toy["train"], out)
+    assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamps
+
+
+def test_prior_kill9_then_resume_equals_an_uninterrupted_run(toy, vqvae_run, tmp_path):
+    steps = 200
+    codes = tmp_path / "codes"
+    kw = dict(train__steps=steps, train__checkpoint_every=20, train__eval_every=0, train__sample_every=1000,
+              data__train=str(codes), prior__vqvae=str(vqvae_run["run"]), prior__images=toy["train"])
+    reference = tiny_config(tmp_path / "a", toy, "prior", **kw)
+    first = train_ok(reference)
+    assert "extracting codes" in first.stderr
+    killed = tiny_config(tmp_path / "b", toy, "prior", **kw)
+    _, resumed = kill_after_a_checkpoint_then_resume(killed, steps)
+    assert "reusing the code shards" in resumed.stderr and "extracting codes" not in resumed.stderr
+    assert_bitwise_equal_runs(run_dir(reference), run_dir(killed))
+
+
+def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqvae_run, tmp_path):
+    vq_copy = tmp_path / "vq"
+    shutil.copytree(vqvae_run["run"] / "export", vq_copy / "export")
+    config = tiny_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=str(vq_copy),
+                         train__steps=20)
+    train_ok(config)
+    run = run_dir(config)
+    acc = events(run)
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss/nll", "loss/bits_per_code", "lr", "eval/variety", "eval/mean_gap"} <= scalars
+    shutil.rmtree(vq_copy)  # the prior's export carries the VQ-VAE's codebook and decoder
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
+    tensors, config_json = load_export(run)
+    assert {k.split(".")[0] for k in tensors} == {"prior", "vqvae"}
+    assert not any(k.startswith("vqvae.encoder.") for k in tensors)
+    assert config_json["vqvae"]["weights_sha256"] == load_export(vqvae_run["run"])[1]["weights_sha256"]
+    sampler = load_sampler(run)
+    assert isinstance(sampler, PriorSampler) and (sampler.height, sampler.width) == (8, 8)
+    labels = torch.arange(10).repeat_interleave(10)
+    images = sampler.sample(labels, torch.Generator().manual_seed(0), {})
+    assert np.array_equal(image_grid(images.permute(0, 2, 3, 1).numpy(), rows=10), last_grid(run, "samples"))
+    again = sampler.sample(labels[:7], torch.Generator().manual_seed(5), {"temperature": 0.7, "top_k": 3})
+    assert torch.equal(again, sampler.sample(labels[:7], torch.Generator().manual_seed(5),
+                                             {"temperature": 0.7, "top_k": 3}))
+    for bad, needle in (({"temperature": 0}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"),
+                        ({"truncation": 0.5}, "do not apply")):
+        with pytest.raises(UsageError, match=needle):
+            sampler.sample(labels[:2], torch.Generator().manual_seed(0), bad)
+
+
+def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run, tmp_path):
+    codes = tmp_path / "codes"
+    write_shard_set(codes, [10])  # something else already lives where the codes would go
+    config = tiny_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]))
+    done = gensynth("train", str(config))
+    assert done.returncode == 2 and "remove it or set data.train" in done.stderr and "Traceback" not in done.stderr
+    missing = gensynth("train", str(config), "prior.vqvae=")
+    assert missing.returncode == 2 and "needs prior.vqvae" in missing.stderr
+
+
+# -- VAE
+
+
+def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_samples(toy, tmp_path):
+    config = tiny_config(tmp_path, toy, "vae", data__test=toy["test"], train__steps=20, vae__sigma=0.0)
+    train_ok(config)
+    run = run_dir(config)
+    acc = events(run)
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("elbo/recon_nll", "elbo/kl", "elbo/elbo", "kl_weight", "sigma", "eval/test_elbo",
+                "eval/test_recon_nll", "eval/test_kl", "eval/variety"):
+        assert tag in scalars, tag
+    weights = [e.value for e in acc.Scalars("kl_weight")]
+    assert weights == sorted(weights) and weights[0] < 1 and weights[-1] == 1.0  # the warm-up
+    test = {e.step: e.value for e in acc.Scalars("eval/test_elbo")}
+    terms = {k: acc.Scalars(f"eval/test_{k}")[-1].value for k in ("recon_nll", "kl")}
+    assert test[20] == pytest.approx(-(terms["recon_nll"] + terms["kl"]), rel=1e-5)
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
+    tensors, export = load_export(run)
+    assert export["family"] == "vae" and export["heldout"]["test_elbo"] == pytest.approx(test[20], rel=1e-5)
+    # the optimal sigma's running average, started at 1, moved towards the batches' RMS error
+    assert export["sigma"] != 1.0 and export["sigma"] == pytest.approx(float(tensors["log_sigma"].exp()))
+    sampler = load_sampler(run)
+    assert isinstance(sampler, VAESampler)
+    labels = torch.arange(10).repeat_interleave(10)
+    images = sampler.sample(labels, torch.Generator().manual_seed(0))
+    assert np.array_equal(image_grid(images.permute(0, 2, 3, 1).numpy(), rows=10), last_grid(run, "samples"))
+    cooler = sampler.sample(labels, torch.Generator().manual_seed(0), {"temperature": 0.1})
+    assert not torch.equal(cooler, images)
