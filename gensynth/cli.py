@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", help="ingest a source into WebDataset shards + manifest.json",
                        description="Write SOURCE's records as OUT/<split>/<split>-000000.tar ... and manifest.json.")
-    p.add_argument("source", help="idx:DIR | idx:IMAGES,LABELS | folder:DIR | hf:PATH | npz:FILE")
+    p.add_argument("source", help="idx:DIR | idx:IMAGES,LABELS | folder:DIR | hf:PATH | npz:FILE | shards:SHARD_SET")
     p.add_argument("out", help="output root: a folder or s3://bucket/prefix; the split goes in OUT/<split>/")
     p.add_argument("--split", default="train", help="split name; for idx: folders it picks train-* or t10k-* files")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the order records are written in")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete shard set")
+    p.add_argument("--per-class", type=int, metavar="K", help="write only K records of every class, chosen at "
+                   "random with --seed (a few-shot set: shards:data/fashion/train data/fashion-k10 --per-class 10)")
     p.add_argument("--class-names", type=_csv, help="comma-separated label names, index = label")
     p.add_argument("--image-column", default="image", help="hf: the image column")
     p.add_argument("--label-column", default="label", help="hf: the label column ('' for none)")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                              label_column=args.label_column or None, class_names=args.class_names,
                              image_key=args.image_key, label_key=args.label_key)
         ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
-               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite)
+               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class)
         return 0
     if args.command == "train":
         from gensynth.config import load_config
