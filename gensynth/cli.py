@@ -2,6 +2,7 @@
 
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
+    gensynth generate runs/x data/synth/x --num 10000 --seed 0
     gensynth inspect data/fashion/train --verify
     gensynth demo
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from gensynth import __version__
@@ -53,6 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML, e.g. configs/gan_fashion.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=2000 run.name=x")
 
+    p = sub.add_parser("generate", help="write synthetic shards + manifest.json from a trained model",
+                       description="Draw labelled samples from RUN's export into OUT (a folder or s3://bucket/prefix) "
+                       "as WebDataset shards, then manifest.json. Deterministic per shard; a rerun finishes a killed "
+                       "run. Under `accelerate launch` the shards are split across the processes.")
+    p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
+    p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
+    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
+    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
+    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
+    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
+    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
+    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
+    p.add_argument("--task", type=int, default=0, help="this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--tasks", type=int, default=1, help="number of array tasks; with more than 1, no manifest is "
+                   "written: run --finalize when all are done")
+    p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+
     p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
     p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
@@ -84,6 +107,17 @@ def run(args: argparse.Namespace) -> int:
         from gensynth.train.loop import train
 
         return train(load_config(args.config, args.overrides))
+    if args.command == "generate":
+        from gensynth.generate import generate, summary
+
+        options = {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}
+        result = generate(args.source, args.out, num=args.num, per_class=args.per_class, seed=args.seed,
+                          shard_size=args.shard_size, encoding=args.encoding, options=options, task=args.task,
+                          tasks=args.tasks, finalize_only=args.finalize, overwrite=args.overwrite,
+                          device=args.device)
+        if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
+            print("\n".join(summary(result)))
+        return 0
     if args.command == "inspect":
         from gensynth.inspection import inspect
 

@@ -21,9 +21,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import free_port
 
+BUCKET = "gensynth-test"
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
@@ -127,3 +129,26 @@ class MotoServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@dataclass
+class S3:
+    server: MotoServer
+    client: Any  # boto3 S3 client: an independent view of what is really in the bucket
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def clear_fsspec_cache() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -11,10 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,69 +20,15 @@ from gensynth import storage
 from gensynth.cli import main
 from gensynth.data.manifest import read_manifest
 from gensynth.errors import InputDataError, StorageError
-from tests.conftest import free_port, need
-from tests.s3server import AWS_VARS_TO_CLEAR, MotoServer, MotoUnavailable, aws_env, moto_command
+from tests.conftest import free_port
+from tests.s3server import AWS_VARS_TO_CLEAR, BUCKET, S3, aws_env, clear_fsspec_cache
 
 pytestmark = pytest.mark.s3
 
-BUCKET = "gensynth-test"
 N, SHARD_SIZE, CLASSES = 60, 16, 5
 SHARD_COUNTS = [16, 16, 16, 12]
 SHARD_NAMES = [f"train-{i:06d}.tar" for i in range(len(SHARD_COUNTS))]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class S3:
-    server: MotoServer
-    client: Any  # boto3 S3 client: an independent view of what is really in the bucket
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
-
-    def keys(self, prefix: str = "") -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-    def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-
-def clear_fsspec_cache() -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    try:
-        import boto3
-        import s3fs  # noqa: F401
-    except ImportError:
-        need(False, "needs S3 support: pip install -e '.[s3,test]' (s3fs, boto3, moto[server])")
-    try:
-        moto_command()
-    except MotoUnavailable as e:
-        need(False, f"{e}; pip install 'moto[server]'")
-    server = MotoServer.start(tmp_path_factory.mktemp("moto"))
-    env = pytest.MonkeyPatch()
-    try:
-        for var in AWS_VARS_TO_CLEAR:
-            env.delenv(var, raising=False)
-        for key, value in aws_env(server.endpoint).items():
-            env.setenv(key, value)
-        clear_fsspec_cache()
-        client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket=BUCKET)
-        yield S3(server, client)
-    finally:
-        env.undo()
-        clear_fsspec_cache()
-        server.stop()
-    assert server.proc.returncode is not None, "moto_server still running"
 
 
 @pytest.fixture(scope="module")

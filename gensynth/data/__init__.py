@@ -1,6 +1,7 @@
 """Data: ingest sources into shards, manifests, the streaming loader."""
 
 from gensynth.data.manifest import Manifest, read_manifest
+from gensynth.data.mix import MixLoader
 from gensynth.data.stream import ShardLoader, resolve_shards
 
-__all__ = ["Manifest", "ShardLoader", "read_manifest", "resolve_shards"]
+__all__ = ["Manifest", "MixLoader", "ShardLoader", "read_manifest", "resolve_shards"]

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import IO, Any
 
 import numpy as np
@@ -43,6 +44,17 @@ class _HashingFile:
 
     def tell(self) -> int:
         return self.size
+
+
+def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardInfo:
+    """Publish one shard whole (atomically) from (key, {extension: bytes}) samples; return its entry."""
+    with storage.atomic_write(url) as f:
+        hashing = _HashingFile(f)
+        tar = TarShardWriter(hashing)
+        for key, fields in samples:
+            tar.write(key, fields)
+        tar.close()
+    return ShardInfo(storage.basename(url), tar.count, hashing.size, hashing.sha.hexdigest())
 
 
 class ShardSetWriter:

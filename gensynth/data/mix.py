@@ -1,0 +1,121 @@
+"""Mix real and synthetic shard sets at a fixed ratio per batch, with the loader's exactness and resume.
+
+    from gensynth.data import MixLoader
+
+    loader = MixLoader({"real": "data/fashion/train", "synth": "data/synth/v1"}, ratio={"real": 1, "synth": 1},
+                       batch_size=128, weights={"synth": 0.5})
+    for batch in loader:                      # one exact epoch of the FIRST source (here: real)
+        images, labels = batch["image"], batch["label"]
+        source = batch["source"]              # int64 [n]: index of the source each sample came from
+        weight = batch["weight"]              # float32 [n]: per-sample loss weight (here 1.0 real, 0.5 synth)
+
+Every batch holds the same number of samples from each source, in the ratio given (largest remainder:
+64 + 64 here). The first source is the primary: in `mode="exact"` one iteration is exactly one of its
+epochs, every sample once across ranks and workers, equal steps on every rank; the other sources stream
+endlessly (`resampled`: every sample once per pass of its own, a fresh order each pass), so they never
+run dry and never end an epoch early. In `mode="resampled"` every source is endless. Each source is a
+`ShardLoader` with its own seed, sharded across ranks the same way; `state_dict()` holds all their
+positions, so a resumed run sees the very same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from gensynth.data.plan import derive_seed
+from gensynth.data.stream import ShardLoader
+from gensynth.errors import UsageError
+
+
+def split_batch(batch_size: int, ratio: list[float]) -> list[int]:
+    """Per-source counts of one batch, in proportion to `ratio` (largest remainder; ties to the first)."""
+    if any(r < 0 for r in ratio) or sum(ratio) <= 0:
+        raise UsageError(f"mix ratio {ratio}: parts must be >= 0 and not all 0")
+    exact = [batch_size * r / sum(ratio) for r in ratio]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(ratio)), key=lambda i: (counts[i] - exact[i], i))[:batch_size - sum(counts)]:
+        counts[i] += 1
+    if counts[0] == 0:
+        raise UsageError(f"mix ratio {ratio} with batch_size {batch_size} gives the primary source no sample per "
+                         "batch; raise its share or the batch size")
+    return counts
+
+
+class MixLoader:
+    """Batches that combine several shard sets in a fixed per-batch ratio; see the module docstring."""
+
+    def __init__(self, sources: dict[str, str | list[str]], batch_size: int, ratio: dict[str, float] | None = None,
+                 weights: dict[str, float] | None = None, mode: str = "exact", seed: int = 0, **loader_options: Any):
+        if len(sources) < 2:
+            raise UsageError("MixLoader needs at least two sources (use ShardLoader for one)")
+        self.names = list(sources)
+        ratio = ratio or {name: 1.0 for name in self.names}
+        unknown = sorted((set(ratio) | set(weights or {})) - set(self.names))
+        if unknown:
+            raise UsageError(f"mix ratio/weights name {', '.join(unknown)}, not among the sources "
+                             f"({', '.join(self.names)})")
+        self.counts = split_batch(batch_size, [float(ratio.get(n, 0.0)) for n in self.names])
+        self.weights = [float((weights or {}).get(n, 1.0)) for n in self.names]
+        self.mode = mode
+        self.loaders = []
+        for i, (name, url) in enumerate(sources.items()):
+            if self.counts[i] == 0:
+                raise UsageError(f"mix source {name!r} gets 0 samples per batch of {batch_size}; "
+                                 "give it a larger ratio or drop it")
+            # a seed per source, derived from the mix seed, so two sources never share an order
+            self.loaders.append(ShardLoader(url, batch_size=self.counts[i], seed=derive_seed("mix", seed, i) % 2**31,
+                                            mode=mode if i == 0 else "resampled", **loader_options))
+        self._streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.loaders)
+
+    @property
+    def primary(self) -> ShardLoader:
+        return self.loaders[0]
+
+    def __len__(self) -> int:
+        """Steps per epoch of the primary source (exact mode)."""
+        return len(self.primary)
+
+    @property
+    def epoch(self) -> int:
+        return self.primary.epoch
+
+    def _next(self, i: int) -> dict[str, Any]:
+        if self._streams[i] is None:
+            self._streams[i] = iter(self.loaders[i])
+        return next(self._streams[i])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._streams[0] = None  # the primary starts its (next, or resumed) epoch
+        for first in self.primary:
+            parts = [first] + [self._next(i) for i in range(1, len(self.loaders))]
+            yield self._combine(parts)
+        self._streams[0] = None
+
+    def _combine(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        n = [len(p["key"]) for p in parts]
+        batch = {"image": torch.cat([p["image"] for p in parts]), "label": torch.cat([p["label"] for p in parts]),
+                 "key": [k for p in parts for k in p["key"]],
+                 "source": torch.cat([torch.full((m,), i, dtype=torch.int64) for i, m in enumerate(n)]),
+                 "weight": torch.cat([torch.full((m,), self.weights[i]) for i, m in enumerate(n)])}
+        if all("meta" in p for p in parts):
+            batch["meta"] = [m for p in parts for m in p["meta"]]
+        return batch
+
+    @property
+    def corrupt(self) -> int:
+        return sum(loader.corrupt for loader in self.loaders)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": self.names, "counts": self.counts,
+                "loaders": [loader.state_dict() for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("sources") != self.names or state.get("counts") != self.counts:
+            raise UsageError(f"cannot resume the mix: it was saved with sources {state.get('sources')} and per-batch "
+                             f"counts {state.get('counts')}, this loader has {self.names} and {self.counts}")
+        for loader, saved in zip(self.loaders, state["loaders"]):
+            loader.load_state_dict(saved)
+        self._streams = [None] * len(self.loaders)
