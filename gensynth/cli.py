@@ -3,6 +3,7 @@
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
     gensynth generate runs/x data/synth/x --num 10000 --seed 0
+    gensynth eval data/synth/x --real data/fashion/test --train data/fashion/train --report reports/x
     gensynth inspect data/fashion/train --verify
     gensynth demo
 
@@ -76,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
 
+    p = sub.add_parser("eval", help="is a synthetic shard set any good? metrics.json + report.html",
+                       description="Fidelity, diversity, memorisation and usefulness of the synthetic shard set SYNTH "
+                       "against real data, with the protocol printed alongside (README, Evaluation). Options of the "
+                       "protocol are the eval.* keys of gensynth/config.py; set them as eval.key=value.")
+    p.add_argument("synthetic", help="the synthetic shard set (folder, s3:// prefix or manifest URL)")
+    p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.classifier_steps=500 eval.seeds=5")
+    p.add_argument("--real", required=True, help="the real TEST shard set (reference of every metric)")
+    p.add_argument("--train", help="the real training shard set (feature extractor, CAS baseline, FID floor); "
+                   "default: the one the generator was trained on (its manifest's provenance)")
+    p.add_argument("--k-set", help="the K-per-class real set for augmentation gain (its generator must have been "
+                   "trained on exactly it); default: the generator's training set when it is a --per-class subset")
+    p.add_argument("--report", help="output folder for metrics.json and report.html (default reports/<SYNTH name>)")
+    p.add_argument("--num", type=int, help="synthetic samples evaluated (eval.num, default 10000)")
+    p.add_argument("--seed", type=int, help="seed of the evaluation (eval.seed, default 0)")
+    p.add_argument("--seeds", type=int, help="seeds of the augmentation runs (eval.seeds, default 3)")
+    p.add_argument("--no-cas", action="store_true", help="skip the Classification Accuracy Score (eval.cas=false)")
+    p.add_argument("--inception", action="store_true", help="also the standard Inception-v3 FID/KID (needs a "
+                   "locally installed TorchScript file; slow on CPU)")
+    p.add_argument("--config", help="a YAML whose eval section sets the protocol (e.g. a training config)")
+
     p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
     p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
@@ -117,6 +138,20 @@ def run(args: argparse.Namespace) -> int:
                           device=args.device)
         if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
+        return 0
+    if args.command == "eval":
+        from gensynth.config import load_config
+        from gensynth.evaluate.synthetic import default_report_dir, evaluate_synthetic, summary_lines
+
+        flags = {"eval.num": args.num, "eval.seed": args.seed, "eval.seeds": args.seeds,
+                 "eval.cas": False if args.no_cas else None, "eval.inception": True if args.inception else None}
+        overrides = [*args.overrides, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                        for k, v in flags.items() if v is not None)]
+        cfg = load_config(args.config, overrides).eval
+        report = args.report or default_report_dir(args.synthetic)
+        metrics = evaluate_synthetic(args.synthetic, args.real, train=args.train, report=report, cfg=cfg,
+                                     k_set=args.k_set)
+        print("\n".join(summary_lines(metrics, report)))
         return 0
     if args.command == "inspect":
         from gensynth.inspection import inspect

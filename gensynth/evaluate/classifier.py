@@ -138,7 +138,7 @@ def fit(model: SmallCNN, batches: Iterator[tuple[torch.Tensor, torch.Tensor, tor
         opt.step()
         schedule.step()
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, loss.item())
     return model.eval()
 
 

@@ -35,6 +35,7 @@ from gensynth.data.manifest import manifest_sha256, read_manifest
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
 from gensynth.evaluate.classifier import Recipe, SmallCNN, embed, fit
+from gensynth.evaluate.sets import SMALL_SET
 from gensynth.export import ExportError, load_export, save_export
 
 log = logging.getLogger("gensynth")
@@ -136,8 +137,9 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
                          "has an image schema and a class histogram)")
     num_classes = max(len(manifest.classes or []), labels[-1] + 1)
     recipe = Recipe()
+    workers = num_workers if manifest.num_samples > SMALL_SET else 0
     loader = ShardLoader(train_url, batch_size=recipe.batch_size, mode="exact", seed=seed,
-                         shuffle_buffer=min(5000, manifest.num_samples), num_workers=num_workers, rank=0,
+                         shuffle_buffer=min(5000, manifest.num_samples), num_workers=workers, rank=0,
                          world_size=1, decode_meta=False)
     steps = max(1, math.ceil(epochs * len(loader)))
     log.info("training the feature extractor on %s (%d samples, %g epochs = %d steps; cached for reuse) ...",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gensynth.data.manifest import Manifest, manifest_sha256
-from gensynth.data.stream import ShardLoader
+from gensynth.data.stream import ShardLoader, resolve_shards
 from gensynth.errors import UsageError
 from gensynth.progress import progress
 
@@ -51,9 +51,14 @@ class ImageSet:
         return {"url": self.url, "samples": len(self), "manifest_sha256": self.manifest_sha256}
 
 
+SMALL_SET = 10000  # below this many samples a loader worker process costs more than it saves
+
+
 def load_image_set(url: str, num_workers: int = 1, desc: str | None = None) -> ImageSet:
     """Every sample of a shard set (folder, s3:// prefix or manifest URL), in the loader's seeded order."""
-    loader = ShardLoader(url, batch_size=500, mode="exact", seed=0, shuffle_buffer=0, num_workers=num_workers,
+    shards, _ = resolve_shards(url)
+    workers = num_workers if sum(s.samples for s in shards) > SMALL_SET else 0
+    loader = ShardLoader(url, batch_size=500, mode="exact", seed=0, shuffle_buffer=0, num_workers=workers,
                          rank=0, world_size=1, decode_meta=False)
     images, labels, keys = [], [], []
     for batch in progress(loader, total=len(loader), desc=desc or f"read {url}", unit="batches"):
