@@ -135,7 +135,7 @@ class EvalConfig:
     closest_pairs: int = option(24, "closest synthetic/training pairs shown in the report", min=0)
     cas: bool = option(True, "Classification Accuracy Score (Ravuri & Vinyals 2019): train the classifier on "
                        "synthetic data only, test on real, next to the same on as many real samples")
-    classifier_steps: int = option(1000, "optimizer steps of every CAS / augmentation classifier (fixed, whatever "
+    classifier_steps: int = option(500, "optimizer steps of every CAS / augmentation classifier (fixed, whatever "
                                    "the data size, so runs compare at equal compute)", min=1)
     classifier_batch_size: int = option(128, "classifier batch size", min=2)
     classifier_lr: float = option(2e-3, "classifier AdamW peak learning rate (cosine decay)", min=0.0)

@@ -30,7 +30,7 @@ from torch import nn
 class Recipe:
     """How the classifier is trained: fixed, recorded with every number it produces."""
 
-    steps: int = 1000  # optimizer steps
+    steps: int = 500  # optimizer steps
     batch_size: int = 128
     lr: float = 2e-3  # AdamW peak learning rate, cosine-decayed to 0
     weight_decay: float = 5e-4

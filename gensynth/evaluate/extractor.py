@@ -82,7 +82,8 @@ class Extractor:
 
 
 def recipe_for(epochs: float, seed: int) -> dict[str, Any]:
-    return {"recipe": Recipe().to_dict(), "epochs": epochs, "seed": seed, "architecture": "SmallCNN",
+    recipe = {k: v for k, v in Recipe().to_dict().items() if k != "steps"}  # the extractor counts epochs
+    return {"recipe": recipe, "epochs": epochs, "seed": seed, "architecture": "SmallCNN",
             "features": "penultimate layer (128-d, after ReLU)"}
 
 
