@@ -49,6 +49,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
 	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
+	$(BIN)/python bench/generate.py --json bench/results/generate.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
 
 clean:

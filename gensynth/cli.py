@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="loader workers for the streaming check")
     p.add_argument("--config", help="training config, e.g. configs/gan_fashion.yaml (default: the built-in "
                    "defaults of gensynth/config.py)")
+    p.add_argument("--synth", default="data/synth/demo", help="where the synthetic set goes (default data/synth/demo)")
+    p.add_argument("--num-synthetic", type=int, default=10000, help="synthetic samples to generate (default 10000)")
     p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     return parser
 
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from gensynth.demo import run_demo
 
-        return run_demo(args.data, args.source_dir, args.num_workers, args.config, args.overrides)
+        return run_demo(args.data, args.source_dir, args.num_workers, args.config, args.overrides, args.synth,
+                        args.num_synthetic)
     raise AssertionError(args.command)
 
 

@@ -2,7 +2,8 @@
 
 Ingest train and test into shards and verify them; stream one exact epoch and check that every
 sample arrived once; train the class-conditional GAN for a few minutes and write its sample grid
-(one row per class). Generation and evaluation join as they are built.
+(one row per class); generate a balanced synthetic set from its export into shards with a manifest, and
+print how another team reads it. Evaluation joins as it is built.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gensynth.data.manifest import manifest_url, read_manifest, verify_shards
 from gensynth.data.sources import open_source
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
+from gensynth.generate import generate, summary
 from gensynth.inspection import inspect
 from gensynth.train.loop import train
 
@@ -57,18 +59,19 @@ def stream_epoch(folder: str, batch_size: int = 256, num_workers: int = 2) -> tu
 
 
 def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, num_workers: int = 2,
-             config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> int:
-    print("== 1/3 ingest Fashion-MNIST into shards")
+             config: str | None = None, overrides: list[str] | tuple[str, ...] = (), synth: str = "data/synth/demo",
+             num_synthetic: int = 10000) -> int:
+    print("== 1/4 ingest Fashion-MNIST into shards")
     ensure_fashion_shards(data, source_dir)
     for split in ("train", "test"):
         lines, _ = inspect(split_folder(data, split), verify=True)
         print("\n".join(lines))
-    print(f"== 2/3 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
+    print(f"== 2/4 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
     samples, rate = stream_epoch(split_folder(data, "train"), num_workers=num_workers)
     print(f"streamed {samples} samples, each exactly once, at {rate:,.0f} samples/s")
     cfg = load_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
     run_dir = Path(cfg.run.root) / cfg.run.name
-    print(f"== 3/3 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
+    print(f"== 3/4 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
           "(resumes if interrupted)")
     code = train(cfg)
     if code != 0:
@@ -77,4 +80,8 @@ def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, nu
     print(f"sample grid, one row per class ({', '.join(FASHION_MNIST_CLASSES)}): {grids[-1]}")
     print(f"export (safetensors + config.json): {run_dir / 'export'}")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"== 4/4 generate {num_synthetic} synthetic samples, balanced over the classes, into {synth}")
+    result = generate(str(run_dir), synth, num=num_synthetic, seed=0, shard_size=min(5000, num_synthetic),
+                      overwrite=True)
+    print("\n".join(summary(result)))
     return 0

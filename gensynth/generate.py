@@ -43,6 +43,7 @@ from gensynth.errors import GensynthError, UsageError
 from gensynth.export import CONFIG, export_folder
 from gensynth.progress import progress
 from gensynth.sampling import Sampler, load_sampler
+from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger("gensynth")
 SPLIT = "synth"
@@ -51,6 +52,13 @@ RECEIPTS = "receipts"
 
 class IncompleteGeneration(GensynthError):
     """--finalize found shards missing or not matching their receipts."""
+
+
+class GenerationStopped(GensynthError):
+    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2) arrived: the shard in progress was finished, the rest
+    is left for a rerun. Exits with the requeue code, like training."""
+
+    exit_code = REQUEUE_EXIT_CODE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +349,10 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
         result.manifest = finalize(out, sampler, job, source)
         result.finalized_only = True
         return result
-    if rank == 0 and task == 0:
+    if overwrite and tasks > 1:
+        raise UsageError("--overwrite with --tasks > 1 would let one task clear what another is writing; "
+                         "clear OUT first (or run once with --overwrite and --tasks 1)")
+    if rank == 0:
         check_out(out, job, overwrite)
     group = _process_group(world)
     if group:
@@ -356,20 +367,32 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
     log.info("generating %d of %d shards (%d samples each, worker %d of %d) from a %s export into %s",
              len(mine), job.num_shards, job.shard_size, worker, workers, sampler.family, out)
     start = time.perf_counter()
-    # Draw shard k+1 while a thread encodes and writes shard k (the model's math and zlib release the GIL).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer:
+    # On a GPU, draw shard k+1 while a thread encodes and writes shard k. On the CPU the model's threads
+    # already use every core, and a writer thread beside them stalls their parallel regions: write inline.
+    overlap = sampler.device.type == "cuda"
+    with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer:
         pending: Future | None = None
         for k in progress(mine, total=len(mine), desc="generate", unit="shards"):
+            if stop.requested:
+                break
             if shard_is_done(out, shard_name(SPLIT, k), job) is not None:
                 result.skipped += 1
                 continue
             images, shard_labels = draw_shard(sampler, job, labels, k)
             if pending is not None:
                 result.add(pending.result())
-            pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, out)
+                pending = None
+            if overlap:
+                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, out)
+            else:
+                result.add(write_shard(sampler, job, k, images, shard_labels, out))
         if pending is not None:
             result.add(pending.result())
     result.seconds = time.perf_counter() - start
+    if stop.requested:
+        raise GenerationStopped(f"stopped by {stop.name} after {result.generated} new shards ({result.skipped} "
+                                "were already there); every finished shard is kept: rerun the same command to "
+                                "finish the rest")
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:

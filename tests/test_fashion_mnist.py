@@ -63,11 +63,15 @@ def test_hf_reads_train_count(fashion_shards):
 def test_demo_runs_end_to_end(fashion_shards, capsys, tmp_path):
     # reuses the verified shards; a short training stage (the real demo trains for minutes)
     code = run_demo(str(fashion_shards), str(FASHION_DIR), num_workers=2,
-                    overrides=[f"run.root={tmp_path}", "train.steps=4", "train.sample_every=2",
-                               "gan.g_channels=8", "gan.d_channels=8", "gan.max_channels=16"])
+                    overrides=[f"run.root={tmp_path}", "train.steps=4", "train.sample_every=2", "train.eval_every=2",
+                               "gan.g_channels=8", "gan.d_channels=8", "gan.max_channels=16"],
+                    synth=str(tmp_path / "synth"), num_synthetic=300)
     out = capsys.readouterr().out
     assert code == 0
     assert "verify     ok: 12 shards" in out and "streamed 60000 samples, each exactly once" in out
     grid = tmp_path / "demo_gan" / "samples" / "samples-step-00000004.png"
     assert "sample grid, one row per class (T-shirt/top, Trouser" in out and str(grid) in out
     assert grid.is_file() and (tmp_path / "demo_gan" / "export" / "model.safetensors").is_file()
+    assert "synthetic set: 300 samples in 1 shards" in out and "webdataset.WebDataset(" in out
+    synth = read_manifest(str(tmp_path / "synth"))
+    assert synth.class_histogram == {str(c): 30 for c in range(10)} and synth.classes == FASHION_MNIST_CLASSES

@@ -288,3 +288,24 @@ def test_kill9_mid_run_then_rerun_equals_an_uninterrupted_run(medium_gan, tmp_pa
     assert problems == []
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "temporary files left behind"
     assert tree(out) == tree(tmp_path / "reference")
+
+
+def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan, tmp_path):
+    out = tmp_path / "stopped"
+    args = ["--num", "6000", "--shard-size", "200", "--seed", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "generate", str(medium_gan), str(out), *args],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(list(out.glob("receipts/*.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM after" in err and "rerun the same command" in err and "Traceback" not in err
+    shards = sorted(out.glob("synth-*.tar"))
+    assert len(shards) == len(list(out.glob("receipts/*.json"))) < 30  # every published shard has its receipt
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not (out / "manifest.json").exists()
+    rerun = gensynth("-q", "generate", str(medium_gan), str(out), *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_manifest(str(out)).num_samples == 6000 and verify_shards(str(out), read_manifest(str(out))) == []

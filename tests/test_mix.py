@@ -109,3 +109,15 @@ def test_labels_come_with_their_source(sets):
     assert counts == {0: 5, 1: 5}
     assert all(k.startswith("train-") for k in batch["key"][:5])
     assert all(k.startswith("synth-") for k in batch["key"][5:])
+
+
+def test_sources_with_other_image_sizes_or_classes_are_refused(sets, tmp_path):
+    write_shard_set(tmp_path / "big", [10], size=16)
+    with pytest.raises(UsageError, match="8x8x1 images.*16x16x1.*one image format per batch"):
+        MixLoader({"real": sets["real"], "big": str(tmp_path / "big")}, batch_size=8)
+    with ShardSetWriter(str(tmp_path / "named"), "synth", shard_size=20) as w:
+        for i in range(10):
+            w.add(f"synth-{i:08d}", toy_image(i), label=i % 10)
+        w.finish(classes=[f"other{i}" for i in range(10)])
+    with pytest.raises(UsageError, match="class lists differ"):
+        MixLoader({"real": sets["real"], "named": str(tmp_path / "named")}, batch_size=8)

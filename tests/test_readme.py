@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gensynth.cli import main
 from tests.conftest import write_shard_set
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -17,7 +18,9 @@ def python_blocks() -> list[str]:
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
+def test_readme_example_runs(index, tmp_path, monkeypatch, tiny_gan):
     monkeypatch.chdir(tmp_path)
     write_shard_set(tmp_path / "data" / "fashion" / "train", [300, 211, 250])
+    assert main(["-q", "generate", str(tiny_gan), "data/synth/v1", "--num", "120", "--shard-size", "50"]) == 0
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})

@@ -69,6 +69,21 @@ class MixLoader:
             self.loaders.append(ShardLoader(url, batch_size=self.counts[i], seed=derive_seed("mix", seed, i) % 2**31,
                                             mode=mode if i == 0 else "resampled", **loader_options))
         self._streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.loaders)
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        """Sources must hold the same image format and, where named, the same classes."""
+        described = [(n, loader.manifest) for n, loader in zip(self.names, self.loaders) if loader.manifest]
+        for name, manifest in described[1:]:
+            first_name, first = described[0]
+            a, b = first.schema.get("image", {}), manifest.schema.get("image", {})
+            shape = ("height", "width", "channels")
+            if a and b and [a[k] for k in shape] != [b[k] for k in shape]:
+                raise UsageError(f"cannot mix {first_name} ({'x'.join(str(a[k]) for k in shape)} images) with "
+                                 f"{name} ({'x'.join(str(b[k]) for k in shape)}): one image format per batch")
+            if first.classes and manifest.classes and first.classes != manifest.classes:
+                raise UsageError(f"cannot mix {first_name} and {name}: their class lists differ "
+                                 f"({first.classes} vs {manifest.classes}), so the same label would mean two things")
 
     @property
     def primary(self) -> ShardLoader:

@@ -5,6 +5,7 @@ next step, saves a checkpoint on every rank and exits with REQUEUE_EXIT_CODE so 
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
@@ -19,6 +20,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; nothing to install here
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -1,0 +1,105 @@
+"""Generation throughput: pure sampling in memory vs the whole job writing shards, in one process.
+
+    python bench/generate.py --json bench/results/generate.json          # make bench runs this
+    python bench/generate.py --run runs/demo_gan --num 20000              # a trained export instead
+
+(a) sampling: the job's own plan (labels, per-shard generators, fixed chunks) drawn through the sampler
+and thrown away; (b) job: `gensynth.generate.generate` into a fresh local folder (encode PNG, tar, hash,
+atomic publish, receipts, verify, manifest). Both alternate `--repeats` times after a warm-up; the best
+of each is kept. ratio = job / sampling; the goal is >= 0.9. Without --run, the export is the generator of
+configs/gan_fashion.yaml with its initial weights (speed does not depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gensynth.config import load_config  # noqa: E402
+from gensynth.export import save_export  # noqa: E402
+from gensynth.generate import build_job, draw_shard, generate, interleaved_labels  # noqa: E402
+from gensynth.models.dcgan import Generator  # noqa: E402
+from gensynth.sampling import load_sampler  # noqa: E402
+
+
+def untrained_export(config: str, folder: Path) -> Path:
+    """An export of the config's generator at initialisation: the same architecture, so the same speed."""
+    cfg = load_config(config)
+    g = cfg.gan
+    arch = dict(z_dim=g.z_dim, num_classes=10, resolution=cfg.model.resolution, channels=1,
+                base_channels=g.g_channels, max_channels=g.max_channels)
+    torch.manual_seed(0)
+    G = Generator(**arch).eval()
+    save_export(folder, G.state_dict(), {"family": "gan", "architecture": arch, "classes": [str(i) for i in range(10)],
+                                         "num_classes": 10, "image": {"height": 28, "width": 28, "channels": 1},
+                                         "step": 0, "run": "bench", "data": {}})
+    return folder
+
+
+def sampling_rate(source: str, num: int, shard_size: int, device: str) -> float:
+    sampler = load_sampler(source, device=device)
+    job = build_job(sampler, source, num, None, 0, shard_size, "png", {})
+    labels = interleaved_labels(list(job.counts))
+    start = time.perf_counter()
+    for k in range(job.num_shards):
+        draw_shard(sampler, job, labels, k)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return num / (time.perf_counter() - start)
+
+
+def job_rate(source: str, num: int, shard_size: int, device: str, out: Path) -> float:
+    start = time.perf_counter()
+    result = generate(source, str(out), num=num, shard_size=shard_size, device=device)
+    elapsed = time.perf_counter() - start
+    assert result.manifest is not None and result.manifest.num_samples == num
+    return num / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a run or export directory (default: the untrained gan_fashion generator)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "gan_fashion.yaml"))
+    parser.add_argument("--num", type=int, default=20000, help="samples per measurement")
+    parser.add_argument("--shard-size", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = args.run or str(untrained_export(args.config, Path(tmp) / "export"))
+        sampling_rate(source, min(args.num, 2 * args.shard_size), args.shard_size, args.device)  # warm-up
+        sampling, job = [], []
+        for i in range(args.repeats):
+            sampling.append(sampling_rate(source, args.num, args.shard_size, args.device))
+            job.append(job_rate(source, args.num, args.shard_size, args.device, Path(tmp) / f"out{i}"))
+    result = {"sampling": max(sampling), "job": max(job), "ratio": max(job) / max(sampling),
+              "protocol": {"export": args.run or f"untrained generator of {os.path.relpath(args.config, REPO)}",
+                           "num": args.num, "shard_size": args.shard_size, "encoding": "png", "device": args.device,
+                           "repeats": args.repeats, "statistic": "best of repeats", "cpus": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "python": platform.python_version(), "all_sampling": sampling, "all_job": job}}
+    print(f"protocol: {result['protocol']}")
+    print(f"{'':34s}{'samples/s':>12s}")
+    print(f"{'(a) pure sampling, in memory':34s}{result['sampling']:12,.0f}")
+    print(f"{'(b) generation job, local shards':34s}{result['job']:12,.0f}")
+    print(f"ratio job / sampling {result['ratio']:.2f} (goal >= 0.9)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
