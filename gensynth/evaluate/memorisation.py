@@ -91,12 +91,13 @@ class MemorisationResult:
 
 
 def memorisation(synthetic: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
-                 copy_ratio: float = 0.5) -> MemorisationResult:
+                 copy_ratio: float = 0.5, real: torch.Tensor | None = None) -> MemorisationResult:
     """Nearest-neighbour distances of `synthetic` to the generator's training images `train` and to
-    real `test` images (all uint8 [n, C, H, W]), and the near-copy rule of the module docstring."""
+    real `test` images (all uint8 [n, C, H, W]), and the near-copy rule of the module docstring. The
+    scale (median) and the floor come from `real`, unseen real images (default: all of `test`)."""
     d_train, train_index = nearest(synthetic, train)
     d_test, _ = nearest(synthetic, test)
-    real_d_train, _ = nearest(test, train)
+    real_d_train, _ = nearest(test if real is None else real, train)
     threshold = copy_ratio * float(real_d_train.median())
     return MemorisationResult(d_train.numpy(), train_index.numpy(), d_test.numpy(), real_d_train.numpy(),
                               threshold, copy_ratio)

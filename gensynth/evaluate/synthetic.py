@@ -144,7 +144,7 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                          floor_f, cfg)
     lap("fidelity")
 
-    mem = memorisation(synth.images, generator_train.images, test_all.images, cfg.copy_ratio)
+    mem = memorisation(synth.images, generator_train.images, test_all.images, cfg.copy_ratio, real=test_ref.images)
     closest = mem.closest(cfg.closest_pairs)
     mem_part = {**mem.summary(), "reference": generator_train.describe(), "space": "pixels (RMS, [0, 1] units)",
                 "closest_pairs": [{"synthetic": synth.keys[i] if synth.keys else int(i),
@@ -203,8 +203,8 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
             "kid": {"subset_size": cfg.kid_subset, "subsets": cfg.kid_subsets, "kernel": "(x.y/d + 1)^3"},
             "precision_recall": {"k": cfg.pr_k, "space": "extractor features"},
             "memorisation": {"space": "pixels", "distance": "RMS difference in [0, 1] units",
-                             "rule": f"d_train < {cfg.copy_ratio} x median nearest-training distance of real "
-                                     "test images", "reference": generator_train.url},
+                             "rule": f"d_train < {cfg.copy_ratio} x median nearest-training distance of the {n} "
+                                     "real test images of the reference", "reference": generator_train.url},
             "classifier": protocol.to_dict(),
             "gensynth_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         },
