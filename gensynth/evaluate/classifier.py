@@ -142,6 +142,26 @@ def fit(model: SmallCNN, batches: Iterator[tuple[torch.Tensor, torch.Tensor, tor
     return model.eval()
 
 
+def progress_log(what: str, steps: int, every_s: float = 10.0) -> Callable[[int, float], None]:
+    """An on_step callback that logs step, loss, speed and time left every `every_s` seconds (and at the end)."""
+    import logging
+    import time
+
+    log = logging.getLogger("gensynth")
+    started = last = time.monotonic()
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s or step == steps:
+            last = now
+            rate = step / max(now - started, 1e-9)
+            log.info("%s: step %d/%d, loss %.3f, %.1f steps/s, about %.0f s left", what, step, steps, loss, rate,
+                     (steps - step) / max(rate, 1e-9))
+
+    return on_step
+
+
 def train_classifier(pools: list[tuple[Pool, int]], num_classes: int, recipe: Recipe, seed: int,
                      device: torch.device | str = "cpu",
                      on_step: Callable[[int, float], None] | None = None) -> SmallCNN:

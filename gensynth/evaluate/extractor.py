@@ -34,7 +34,7 @@ from gensynth import __version__, storage
 from gensynth.data.manifest import manifest_sha256, read_manifest
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
-from gensynth.evaluate.classifier import Recipe, SmallCNN, embed, fit
+from gensynth.evaluate.classifier import Recipe, SmallCNN, embed, fit, progress_log
 from gensynth.evaluate.sets import SMALL_SET
 from gensynth.export import ExportError, load_export, save_export
 
@@ -146,15 +146,7 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
     log.info("training the feature extractor on %s (%d samples, %g epochs = %d steps; cached for reuse) ...",
              train_url, manifest.num_samples, epochs, steps)
     started = time.monotonic()
-    last_log = [started]
-
-    def on_step(step: int, loss: float) -> None:
-        now = time.monotonic()
-        if now - last_log[0] >= 10 or step == steps:
-            last_log[0] = now
-            rate = step / max(now - started, 1e-9)
-            log.info("feature extractor: step %d/%d, loss %.3f, %.1f steps/s, about %.0f s left", step, steps, loss,
-                     rate, (steps - step) / max(rate, 1e-9))
+    on_step = progress_log("feature extractor", steps)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

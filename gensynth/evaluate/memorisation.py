@@ -33,7 +33,7 @@ def flatten_unit(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(len(images), -1).float().div_(255.0)
 
 
-def nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs."""
     q, r = flatten_unit(queries), flatten_unit(refs)
     dim = q.shape[1]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gensynth.errors import UsageError
-from gensynth.evaluate.classifier import Pool, Recipe, SmallCNN, accuracy, embed, train_classifier
+from gensynth.evaluate.classifier import Pool, Recipe, SmallCNN, accuracy, embed, progress_log, train_classifier
 from gensynth.evaluate.sets import ImageSet, matching_subset
 
 log = logging.getLogger("gensynth")
@@ -51,7 +51,8 @@ class UsefulnessProtocol:
 def _train(pools: list[tuple[Pool, int]], num_classes: int, protocol: UsefulnessProtocol, seed: int,
            what: str) -> SmallCNN:
     log.info("training the classifier on %s (%d steps, seed %d)", what, protocol.recipe.steps, seed)
-    return train_classifier(pools, num_classes, protocol.recipe, seed)
+    return train_classifier(pools, num_classes, protocol.recipe, seed,
+                            on_step=progress_log(f"classifier, {what}", protocol.recipe.steps))
 
 
 def classification_accuracy_score(synthetic: ImageSet, real_train: ImageSet, real_test: ImageSet, num_classes: int,
