@@ -129,7 +129,7 @@ class EvalConfig:
     kid_subset: int = option(1000, "KID subset size (Binkowski et al. 2018)", min=2)
     kid_subsets: int = option(100, "KID subsets averaged", min=1)
     pr_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019 use 3)", min=1)
-    copy_ratio: float = option(0.5, "near-copy rule: nearest-training-image distance below this share of the "
+    copy_ratio: float = option(1 / 3, "near-copy rule: nearest-training-image distance below this share of the "
                                "median distance of real unseen images to the training set "
                                "(gensynth/evaluate/memorisation.py)", min=0.0, max=1.0)
     closest_pairs: int = option(24, "closest synthetic/training pairs shown in the report", min=0)

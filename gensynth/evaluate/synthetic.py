@@ -203,7 +203,7 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
             "kid": {"subset_size": cfg.kid_subset, "subsets": cfg.kid_subsets, "kernel": "(x.y/d + 1)^3"},
             "precision_recall": {"k": cfg.pr_k, "space": "extractor features"},
             "memorisation": {"space": "pixels", "distance": "RMS difference in [0, 1] units",
-                             "rule": f"d_train < {cfg.copy_ratio} x median nearest-training distance of the {n} "
+                             "rule": f"d_train < {cfg.copy_ratio:.3g} x median nearest-training distance of the {n} "
                                      "real test images of the reference", "reference": generator_train.url},
             "classifier": protocol.to_dict(),
             "gensynth_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
