@@ -181,8 +181,8 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
     add(f"<p>Distances are root-mean-square pixel differences in [0, 1] units (pixel space: a copy is a pixel-level "
         f"event; the extractor maps all images of a class close together). Reference training set: "
         f"{html.escape(str(m['reference']['url']))} ({m['reference']['samples']} images). Near-copy rule: "
-        f"d_train &lt; {m['copy_ratio']:.3g} &times; {m['median_real_d_train']:.4f} (the median nearest-training distance "
-        f"of real test images) = {m['threshold_rms']:.4f}. Near-copies: {m['near_copies']} of "
+        f"d_train &lt; {m['copy_ratio']:.3g} &times; {m['median_real_d_train']:.4f} (the median nearest-training "
+        f"distance of real test images) = {m['threshold_rms']:.4f}. Near-copies: {m['near_copies']} of "
         f"{p['evaluated_samples']} ({_fmt(m['near_copy_fraction'], True)}); real test images under the same rule: "
         f"{_fmt(m['real_floor_fraction'], True)}. Synthetic samples closer to the training set than to the test set: "
         f"{_fmt(m['share_closer_to_train_than_test'], True)}.</p>")
