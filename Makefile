@@ -1,6 +1,8 @@
 # gensynth. Two commands, each sets everything up on a fresh machine, then runs:
 #   make demo   the main job end to end on Fashion-MNIST (Debian's dataset-fashion-mnist)
-#   make test   the test suite (real gloo processes, real S3-protocol server, real Fashion-MNIST)
+#   make test   the test suite (real gloo processes, real S3-protocol server, real Fashion-MNIST, and, as
+#               root, a real one-host SLURM cluster that it starts before and stops after the tests)
+#   make slurm-up / slurm-down   start / stop that dev cluster by hand (root; slurm/dev-cluster.sh)
 #   make bench  the benchmarks; tables to stdout, JSON to bench/results/
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -8,7 +10,7 @@ BIN     := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup system demo test lint bench clean
+.PHONY: setup system demo test lint bench clean slurm-up slurm-down
 
 # constraints.txt pins torch==2.13.0 (the CPU wheel on these machines) and the rest of the stack.
 $(STAMP): pyproject.toml constraints.txt
@@ -41,10 +43,25 @@ demo: setup
 	$(BIN)/gensynth demo --config configs/gan_fashion.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check gensynth tests bench
+	$(BIN)/ruff check gensynth tests bench slurm
 
+# As root, the SLURM dev cluster is started before pytest (unless it is already up) and stopped afterwards,
+# by PID, whatever the tests did. Without root, the SLURM tests skip (fail under CI=true) and we say why.
 test: setup lint
+	@if slurm/dev-cluster.sh --status; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  trap 'slurm/stop-cluster.sh' EXIT; trap 'exit 130' INT TERM; \
+	  slurm/dev-cluster.sh || echo "make test: the SLURM dev cluster did not start (see above)" >&2; \
+	else \
+	  echo "make test: the SLURM tests need the dev cluster: run 'sudo make slurm-up' (or sudo slurm/dev-cluster.sh) first" >&2; \
+	fi; \
 	$(BIN)/python -m pytest -q tests
+
+slurm-up:
+	slurm/dev-cluster.sh
+
+slurm-down:
+	slurm/stop-cluster.sh
 
 bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json

@@ -2,9 +2,11 @@
 
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
+    gensynth submit train configs/gan_fashion.yaml --nodes 2 --gpus-per-node 8 --partition p [--dry-run | --wait]
     gensynth generate runs/x data/synth/x --num 10000 --seed 0
     gensynth eval data/synth/x --real data/fashion/test --train data/fashion/train --report reports/x
     gensynth inspect data/fashion/train --verify
+    gensynth inspect runs/x
     gensynth demo
 
 Exit codes: 0 success, 2 usage or config error (one line, no traceback), 1 runtime failure.
@@ -13,16 +15,48 @@ Exit codes: 0 success, 2 usage or config error (one line, no traceback), 1 runti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 
 from gensynth import __version__
-from gensynth.errors import GensynthError
+from gensynth.errors import GensynthError, UsageError
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> None:
+    """One --flag per field of `schema` (gensynth.cluster.SlurmOptions), its help and default from the field."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f" (default {default})" if default not in ("", 0, []) else ""
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, action="append", default=None, metavar="FLAG", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else f.name.upper(),
+                                help=f.metadata["help"] + shown)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """What `gensynth generate` and `gensynth submit generate` share: the model, OUT and the sampling plan."""
+    p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
+    p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
+    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
+    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
+    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
+    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
+    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
+    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,22 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw labelled samples from RUN's export into OUT (a folder or s3://bucket/prefix) "
                        "as WebDataset shards, then manifest.json. Deterministic per shard; a rerun finishes a killed "
                        "run. Under `accelerate launch` the shards are split across the processes.")
-    p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
-    p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
-    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
-    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
-    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
-    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
-    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
-    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
-    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
-    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
+    add_generation_arguments(p)
     p.add_argument("--task", type=int, default=0, help="this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--tasks", type=int, default=1, help="number of array tasks; with more than 1, no manifest is "
                    "written: run --finalize when all are done")
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
 
     p = sub.add_parser("eval", help="is a synthetic shard set any good? metrics.json + report.html",
                        description="Fidelity, diversity, memorisation and usefulness of the synthetic shard set SYNTH "
@@ -97,8 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "locally installed TorchScript file; slow on CPU)")
     p.add_argument("--config", help="a YAML whose eval section sets the protocol (e.g. a training config)")
 
-    p = sub.add_parser("inspect", help="describe a shard set, shard or config; --verify re-hashes every shard")
-    p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, or a YAML config")
+    p = sub.add_parser("submit", help="submit a job to SLURM through submitit (see README, SLURM)",
+                       description="Submit to SLURM: one task per process, requeued on preemption and time limits.")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
+    from gensynth.cluster import SlurmOptions
+
+    p = jobs.add_parser("train", help="a training run over --nodes x --tasks-per-node processes",
+                        description="Train CONFIG on SLURM. Each task runs the training loop with torch.distributed "
+                        "set up from SLURM's environment; on SIGTERM/SIGUSR2 every rank checkpoints and the job "
+                        "is requeued and resumes. Options may come before or after the overrides.")
+    p.add_argument("config", help="experiment YAML, e.g. configs/gan_fashion.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=2000 run.name=x")
+    add_dataclass_options(p, SlurmOptions)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the command; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job is done (through requeues), then "
+                   "print the result")
+
+    p = jobs.add_parser("generate", help="generation as a job array: --array N tasks, then a finalizing job",
+                        description="Generate on SLURM: array task i writes the shards k with k %% N == i (as "
+                        "`gensynth generate ... --task i --tasks N`); a job after the array (afterany) verifies every "
+                        "shard and writes manifest.json. A failed task is resubmitted alone with --task-ids.")
+    add_generation_arguments(p)
+    p.add_argument("--array", type=int, default=1, metavar="N", help="number of array tasks (default 1)")
+    p.add_argument("--task-ids", type=_csv, help="submit only these tasks of the --array N (e.g. 1,3: to redo "
+                   "failed ones), plus the finalizing job")
+    add_dataclass_options(p, SlurmOptions)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the array and the finalizing job are done")
+
+    p = sub.add_parser("inspect", help="describe a shard set, shard, config or run directory; --verify re-hashes "
+                       "every shard")
+    p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, a YAML config, "
+                   "or a run directory (runs/<name>)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 and size against the manifest")
 
@@ -155,6 +209,46 @@ def run(args: argparse.Namespace) -> int:
                                      k_set=args.k_set)
         print("\n".join(summary_lines(metrics, report)))
         return 0
+    if args.command == "submit" and args.job == "generate":
+        from gensynth import cluster
+
+        try:
+            task_ids = [int(t) for t in args.task_ids] if args.task_ids else None
+        except ValueError:
+            raise UsageError(f"--task-ids {','.join(args.task_ids)}: expected task numbers, e.g. 1,3") from None
+        gen = {"num": args.num, "per_class": args.per_class, "seed": args.seed, "shard_size": args.shard_size,
+               "encoding": args.encoding, "device": args.device,
+               "options": {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}}
+        gsub = cluster.submit_generate(args.source, args.out, gen, args.array, task_ids,
+                                       cluster.options_from(vars(args)), dry_run=args.dry_run)
+        if args.dry_run:
+            print("dry run: nothing submitted")
+            print("\n".join(gsub.describe()))
+            print("sbatch script of the array (written by submitit):")
+            print(gsub.script, end="")
+            if gsub.finalize_script:
+                print("sbatch script of the finalizing job:")
+                print(gsub.finalize_script, end="")
+            return 0
+        print("\n".join(gsub.describe()), flush=True)
+        if args.wait:
+            print("\n".join(cluster.wait_generation(gsub)))
+        return 0
+    if args.command == "submit":
+        from gensynth import cluster
+
+        opts = cluster.options_from(vars(args))
+        sub = cluster.submit_train(args.config, args.overrides, opts, dry_run=args.dry_run)
+        if args.dry_run:
+            print("dry run: nothing submitted")
+            print("\n".join(sub.describe()))
+            print("sbatch script (written by submitit):")
+            print(sub.script, end="")
+            return 0
+        print("\n".join(sub.describe()), flush=True)
+        if args.wait:
+            print("\n".join(cluster.result_lines(sub, cluster.wait(sub))))
+        return 0
     if args.command == "inspect":
         from gensynth.inspection import inspect
 
@@ -171,7 +265,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options (`CONFIG --nodes 2 train.steps=10`); anything else is an error
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours

@@ -1,12 +1,21 @@
-"""`gensynth inspect URL`: a shard set, a single shard, in a few readable lines; `--verify` re-hashes."""
+"""`gensynth inspect URL`: a shard set, a single shard, a run directory (config, checkpoints, export,
+samples, TensorBoard, SLURM jobs and requeues) or a config, in a few readable lines; `--verify` re-hashes
+(every shard of a set; an export's weights)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
 
 from gensynth import storage
 from gensynth.config import dump_yaml, load_config
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, verify_shards
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
+
+RUN_CONFIG = "config.yaml"  # the resolved config a run saves in its directory
 
 
 def describe_manifest(location: str, manifest: Manifest) -> list[str]:
@@ -60,6 +69,74 @@ def describe_shard(url: str, show: int = 3) -> list[str]:
     return lines + examples
 
 
+def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
+    """A run directory: its config in one line, checkpoints, export, sample grids, TensorBoard.
+    With verify, the export's weights are checked against the sha256 its config.json records."""
+    from gensynth.cluster import read_record
+    from gensynth.export import CONFIG as EXPORT_CONFIG  # torch and accelerate: imported only for runs
+    from gensynth.export import WEIGHTS, ExportError, load_export, read_export_config
+    from gensynth.train.checkpoint import complete_checkpoints
+
+    try:
+        cfg = yaml.safe_load((folder / RUN_CONFIG).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputDataError(f"{folder / RUN_CONFIG}: not valid YAML: {e}") from None
+    section = {k: cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("model", "train", "data")}
+    lines = [f"run        {folder}",
+             f"config     family {section['model'].get('family', '?')}, {section['train'].get('steps', '?')} steps "
+             f"of batch {section['train'].get('batch_size', '?')}, data {section['data'].get('train', '?')}"]
+    checkpoints = complete_checkpoints(folder / "checkpoints")
+    complete = {path.name for _, path in checkpoints}
+    leftovers = [p.name for p in sorted((folder / "checkpoints").glob("*")) if p.is_dir() and p.name not in complete]
+    text = (f"{len(checkpoints)} complete, steps {', '.join(str(step) for step, _ in checkpoints)}; resumes from "
+            f"{checkpoints[-1][1].name}" if checkpoints else "none complete (a rerun starts from step 0)")
+    if leftovers:
+        text += f"; {len(leftovers)} incomplete, never resumed from ({', '.join(leftovers)})"
+    lines.append(f"checkpoints {text}")
+    if checkpoints:
+        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
+        lines.append(f"history    step {state.get('step')}, {state.get('world_size', 1)} processes; "
+                     f"{state.get('resumes', 0)} resumes, {state.get('stops', 0)} stops by signal, "
+                     f"{state.get('rollbacks', 0)} roll-backs")
+    ok = True
+    if (folder / "export" / EXPORT_CONFIG).is_file():
+        config = read_export_config(folder)
+        weights = folder / "export" / WEIGHTS
+        size = weights.stat().st_size if weights.is_file() else 0
+        lines.append(f"export     step {config.get('step', '?')}, {size / 1e6:.1f} MB, weights sha256 "
+                     f"{str(config.get('weights_sha256'))[:16]}...")
+        if verify:
+            try:
+                load_export(folder)
+                lines.append("verify     ok: the weights match their sha256")
+            except ExportError as e:
+                ok = False
+                lines.append(f"verify     FAILED: {e}")
+    else:
+        lines.append("export     none yet (written at the end of training)")
+    grids = sorted((folder / "samples").glob("samples-step-*.png"))
+    newest = f", newest {folder / 'samples' / grids[-1].name}" if grids else ""
+    lines.append(f"samples    {len(grids)} grids{newest}")
+    if (folder / "tb").is_dir():
+        lines.append(f"tensorboard tensorboard --logdir {folder / 'tb'}")
+    record = read_record(folder)
+    if record:
+        jobs = record.get("jobs", [])
+        lines.append(f"slurm      {record.get('state', '?')}: job {', '.join(j['job_id'] for j in jobs) or '-'}, "
+                     f"{record.get('requeues', 0)} requeue(s), last checkpoint {record.get('last_checkpoint') or '-'}")
+        for job in jobs:
+            starts, stops = job.get("starts", []), job.get("stops", [])
+            shape = f"{job.get('nodes', '?')} node(s) x {job.get('tasks_per_node', '?')} task(s)"
+            lines.append(f"  job {job['job_id']}: {job.get('state', '?')}, {shape}, started {len(starts)}x"
+                         + (f" on {starts[-1]['hosts']}" if starts else "")
+                         + f", {job.get('requeues', 0)} requeue(s), logs {job.get('log_folder', '?')}")
+            lines.extend(f"    stopped ({stop['reason']}) at step {stop['step']}, {stop['checkpoint']}, "
+                         + ("requeued" if stop["requeued"] else "not requeued") for stop in stops)
+        if record.get("error"):
+            lines.append(f"  error: {record['error']}")
+    return lines, ok
+
+
 def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> tuple[list[str], bool]:
     """(lines to print, ok). ok is False when --verify found a problem.
 
@@ -74,13 +151,15 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
         if not storage.exists(url):
             raise UsageError(f"shard not found: {url}")
         return describe_shard(url), True
+    if not storage.is_remote(url) and (Path(url) / RUN_CONFIG).is_file() and not storage.exists(manifest_url(url)):
+        return describe_run(Path(url), verify)
     if not storage.exists(manifest_url(url)):
         receipts = [n for n in storage.listdir(storage.join(url, "receipts")) if n.endswith(".json")]
         if receipts:
             return [f"unfinished generation at {url}: {len(receipts)} shards done, no {MANIFEST_NAME} yet; rerun "
                     "the same `gensynth generate` command (or --finalize once every array task is done)"], False
         raise UsageError(f"nothing to inspect at {url}: expected a shard set (a folder or prefix with "
-                         "manifest.json) or a .tar shard")
+                         f"manifest.json), a .tar shard, a run directory (with {RUN_CONFIG}) or a YAML config")
     manifest = read_manifest(url)
     lines = describe_manifest(url, manifest)
     ok = True

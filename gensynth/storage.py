@@ -130,6 +130,7 @@ def exists(url: str) -> bool:
     with storage_errors(url, "check"):
         if is_remote(url):
             fs, path = filesystem(url)
+            fs.invalidate_cache(path)  # ask the store: another process may have added or removed it
             return fs.exists(path)
         return os.path.exists(url)
 
@@ -144,6 +145,8 @@ def listdir(url: str) -> list[str]:
                 entries = fs.ls(path, detail=False, refresh=True)
             except FileNotFoundError:
                 return []
+            finally:
+                fs.invalidate_cache(path)  # a cached listing would answer later exists() calls wrongly
             names = [basename(e) for e in entries]
         else:
             if not os.path.isdir(url):
@@ -166,6 +169,29 @@ def remove(url: str) -> None:
 def makedirs(url: str) -> None:
     if not is_remote(url):
         os.makedirs(url, exist_ok=True)
+
+
+def remove_folder(url: str) -> None:
+    """Remove an empty local folder (a no-op on S3, where a prefix with no objects does not exist)."""
+    url = str(url)
+    if not is_remote(url) and os.path.isdir(url):
+        with storage_errors(url, "remove"):
+            os.rmdir(url)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a stored file, replacing `dst`: os.replace on a folder (atomic), copy + delete on S3 (the
+    copy happens inside the object store; `dst` appears whole)."""
+    src, dst = str(src), str(dst)
+    with storage_errors(dst, "write"):
+        if is_remote(src):
+            fs, src_path = filesystem(src)
+            _, dst_path = filesystem(dst)
+            fs.copy(src_path, dst_path)
+            fs.rm(src_path)
+            fs.invalidate_cache(dst_path)
+        else:
+            os.replace(src, dst)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,22 @@ def test_resume_after_k_batches_gives_exactly_the_rest(uneven_shards, workers):
         assert keys_of(head) + keys_of(tail) == keys_of(full), f"k={k}"
         # and the next epoch follows on normally
         assert resumed.epoch == 1
+
+
+def test_resume_mid_epoch_on_each_of_two_ranks(uneven_shards):
+    folder, manifest = uneven_shards
+    union: list[str] = []
+    for rank in (0, 1):
+        kw = dict(batch_size=4, num_workers=2, shuffle_buffer=16, seed=3, rank=rank, world_size=2)
+        full = keys_of(read_epoch(folder, **kw))
+        for k in (3, 8):
+            first = ShardLoader(folder, **kw)
+            head = take(first, k)
+            resumed = ShardLoader(folder, **kw)
+            resumed.load_state_dict(first.state_dict())
+            assert keys_of(head) + keys_of(list(resumed)) == full, f"rank {rank} k={k}"
+        union += full
+    assert len(union) == len(set(union)) == manifest.num_samples
 
 
 def test_resume_on_another_rank_count_is_refused(uneven_shards):
@@ -221,3 +238,28 @@ def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
     torch.manual_seed(0)
     take(ShardLoader(folder, batch_size=4, num_workers=workers), 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shards, monkeypatch):
+    """Small batches leave a worker several to a message, their images inside the pickle; large ones one
+    to a message through shared memory. Either way they arrive as the same writable tensors."""
+    import gensynth.data.stream as stream
+
+    folder, _ = uneven_shards
+    kw = dict(batch_size=8, num_workers=2, shuffle_buffer=0)
+    assert ShardLoader(folder, **kw).dataset.group == 8, "small batches travel eight to a message"
+    message = next(iter(ShardLoader(folder, batch_size=8).dataset))
+    assert isinstance(message["images"], np.ndarray) and message["sizes"] == [8]
+    grouped = list(ShardLoader(folder, **kw))
+    monkeypatch.setattr(stream, "GROUP_BYTES", 0)  # workers are forked: they see it too
+    monkeypatch.setattr(stream, "SHARED_MESSAGE_BYTES", 0)
+    assert ShardLoader(folder, **kw).dataset.group == 1
+    assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))["images"], torch.Tensor)
+    shared = list(ShardLoader(folder, **kw))
+    assert len(grouped) == len(shared) == 13
+    for a, b in zip(grouped, shared):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a["image"].dtype == torch.uint8 and a["label"].dtype == torch.int64 and a["image"].is_contiguous()
+        assert list(a) == ["image", "label", "key", "meta"]
+        a["image"][:1] += 1  # writable, no warning
+        b["image"][:1] += 1

@@ -17,6 +17,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPE = {1: 0, 3: 2, 2: 4, 4: 6}  # channels -> PNG colour type (grey, RGB, grey+alpha, RGBA)
 _CHANNELS = {v: k for k, v in _COLOR_TYPE.items()}
 IMAGE_EXTENSIONS = ("png", "npy", "jpg", "jpeg")
+_IHDR = struct.Struct(">IIBBBBB")
+_LENGTH = struct.Struct(">I")
+_IEND_HEAD = b"\0\0\0\0IEND"  # an IEND chunk's length (0) and tag
 
 
 class DecodeError(ValueError):
@@ -61,37 +64,57 @@ def encode_image(image: np.ndarray, encoding: str) -> bytes:
     raise ValueError(f"unknown image encoding {encoding!r}: use png or npy")
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """Fast path for 8-bit, non-interlaced, unfiltered PNGs (ours); Pillow for everything else."""
+def png_scanlines(data: bytes) -> tuple[bytes, tuple[int, int, int]] | None:
+    """(inflated scanlines, (H, W, C)) of an 8-bit, non-interlaced PNG whose rows all use filter 0
+    (ours): each row is a 0 byte then the pixels. None when Pillow is needed (other filters, palettes,
+    16-bit, interlace). Raises DecodeError for bytes that are not a readable PNG."""
     if data[:8] != PNG_SIGNATURE:
         raise DecodeError("not a PNG (bad signature)")
     try:
-        width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+        width, height, depth, color, _, _, interlace = _IHDR.unpack_from(data, 16)
     except struct.error:
         raise DecodeError("PNG header is truncated") from None
-    if data[12:16] == b"IHDR" and depth == 8 and interlace == 0 and color in _CHANNELS:
-        idat = []
-        pos = 8
-        while pos + 8 <= len(data):
-            (length,) = struct.unpack(">I", data[pos:pos + 4])
-            tag = data[pos + 4:pos + 8]
-            if tag == b"IDAT":
-                idat.append(data[pos + 8:pos + 8 + length])
-            elif tag == b"IEND":
-                break
-            pos += 12 + length
-        try:
-            raw = zlib.decompress(b"".join(idat))
-        except zlib.error as e:
-            raise DecodeError(f"PNG data is corrupt: {e}") from None
-        c = _CHANNELS[color]
-        stride = 1 + width * c
-        if len(raw) != height * stride:
-            raise DecodeError(f"PNG data holds {len(raw)} bytes, expected {height * stride}")
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
-        if not rows[:, 0].any():
-            return rows[:, 1:].reshape(height, width, c)
-    return decode_with_pillow(data)
+    if data[12:16] != b"IHDR" or depth != 8 or interlace != 0 or color not in _CHANNELS:
+        return None
+    length = _LENGTH.unpack_from(data, 33)[0] if len(data) >= 41 else 0
+    if data[37:41] == b"IDAT" and data[45 + length:53 + length] == _IEND_HEAD:
+        compressed = data[41:41 + length]  # one IDAT then IEND: our writer's layout, no chunk walk
+    else:
+        compressed = b"".join(_idat_chunks(data))
+    try:
+        raw = zlib.decompress(compressed)
+    except zlib.error as e:
+        raise DecodeError(f"PNG data is corrupt: {e}") from None
+    c = _CHANNELS[color]
+    stride = 1 + width * c
+    if len(raw) != height * stride:
+        raise DecodeError(f"PNG data holds {len(raw)} bytes, expected {height * stride}")
+    if raw[::stride].count(0) != height:  # some row is filtered: let Pillow undo it
+        return None
+    return raw, (height, width, c)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 HxWxC: one zlib call and a reshape for ours, Pillow for any other PNG."""
+    fast = png_scanlines(data)
+    if fast is None:
+        return decode_with_pillow(data)
+    raw, (h, w, c) = fast
+    return np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * c)[:, 1:].reshape(h, w, c)
+
+
+def _idat_chunks(data: bytes) -> list[bytes]:
+    idat = []
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,) = _LENGTH.unpack_from(data, pos)
+        tag = data[pos + 4:pos + 8]
+        if tag == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + length])
+        elif tag == b"IEND":
+            break
+        pos += 12 + length
+    return idat
 
 
 def decode_with_pillow(data: bytes) -> np.ndarray:
@@ -107,7 +130,39 @@ def decode_with_pillow(data: bytes) -> np.ndarray:
     return as_hwc(array)
 
 
+_NPY_HEADERS: dict[bytes, tuple[int, tuple[int, ...]]] = {}  # header bytes -> (data offset, shape)
+
+
+def npy_pixels(data: bytes) -> tuple[memoryview, tuple[int, ...]] | None:
+    """(the pixel bytes, shape) of a C-order uint8 npy image with a version-1 header, without copying;
+    None for any other npy. A set's headers are all alike: each distinct one is parsed once (by numpy)
+    and remembered, where np.load would re-parse every header (most of its cost on small images)."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10 or data[6] != 1:
+        return None
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    header = data[:offset]
+    known = _NPY_HEADERS.get(header)
+    if known is None:
+        known = _parse_npy_header(data)
+        if known is None:
+            return None
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = known
+    offset, shape = known
+    expected = 1
+    for n in shape:
+        expected *= n
+    if len(data) - offset != expected:
+        raise DecodeError(f"npy holds {len(data) - offset} data bytes, its header says shape {shape}")
+    return memoryview(data)[offset:], shape
+
+
 def decode_npy(data: bytes) -> np.ndarray:
+    """npy bytes -> uint8 HxWxC; a remembered header and one frombuffer for ours, np.load otherwise."""
+    fast = npy_pixels(data)
+    if fast is not None:
+        pixels, shape = fast
+        return as_hwc(np.frombuffer(pixels, dtype=np.uint8).reshape(shape))
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -115,6 +170,21 @@ def decode_npy(data: bytes) -> np.ndarray:
     if array.dtype != np.uint8:
         raise DecodeError(f"npy image must be uint8, got {array.dtype}")
     return as_hwc(array)
+
+
+def _parse_npy_header(data: bytes) -> tuple[int, tuple[int, ...]] | None:
+    """(data offset, shape) for a C-order uint8 array with a version-1 header; None for anything else."""
+    f = io.BytesIO(data)
+    try:
+        np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    except ValueError:
+        return None
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if dtype != np.uint8 or fortran or len(shape) != 3 or shape[2] not in _COLOR_TYPE:
+        return None
+    return f.tell(), tuple(shape)
 
 
 def decode_image(data: bytes, ext: str) -> np.ndarray:

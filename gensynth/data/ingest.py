@@ -2,18 +2,21 @@
 
 Records are written in a seeded order (so class-sorted sources such as image folders are mixed
 across shards) and the bytes are repeatable: the same source, split, seed and shard size give the
-same sha256s. A failure removes what this run wrote; a manifest appears only when all shards are in.
+same sha256s. A failure removes what this run wrote and leaves an existing set untouched; a manifest
+appears only when all shards are in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 
 import numpy as np
 
 from gensynth import __version__, storage
-from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, write_manifest
 from gensynth.data.sources import Source
 from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import InputDataError, UsageError
@@ -28,12 +31,9 @@ def split_folder(out: str, split: str) -> str:
     return storage.join(out, split)
 
 
-def clear_split(folder: str, split: str) -> None:
-    """Remove a previous manifest first (the set stops looking complete), then its shards."""
-    storage.remove(storage.join(folder, MANIFEST_NAME))
-    for name in storage.listdir(folder):
-        if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name):
-            storage.remove(storage.join(folder, name))
+def shard_names(folder: str, split: str) -> list[str]:
+    """The `<split>-NNNNNN.tar` files in a folder (staged and temporary files are not listed)."""
+    return [n for n in storage.listdir(folder) if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", n)]
 
 
 def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
@@ -54,10 +54,17 @@ def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
 
 def ingest(source: Source, out: str, split: str = "train", shard_size: int = 5000, encoding: str = "png",
            seed: int | None = 0, overwrite: bool = False, per_class: int | None = None) -> Manifest:
+    """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
+
+    The shards are written into a hidden staging folder beside the set and moved in only once all are
+    written, so a failure (bad input, full disk, lost connection) leaves an existing set as it was.
+    """
     if not SPLIT_NAME.fullmatch(split):
         raise UsageError(f"--split {split!r}: use letters, digits, '-' or '_' (it names files and keys)")
     if encoding not in ("png", "npy"):
         raise UsageError(f"--encoding {encoding!r}: use png or npy")
+    if shard_size < 1:
+        raise UsageError(f"--shard-size {shard_size}: must be >= 1")
     folder = split_folder(out, split)
     if storage.exists(manifest_url(folder)) and not overwrite:
         raise UsageError(f"{folder} already holds a complete shard set ({MANIFEST_NAME}); "
@@ -67,24 +74,44 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
     if len(source) == 0:
         raise InputDataError(f"{source.spec}: no records to write")
     chosen = per_class_subset(source, per_class, seed) if per_class else np.arange(len(source))
-    clear_split(folder, split)
-    storage.makedirs(folder)
     n = len(chosen)
     order = chosen[np.random.default_rng(seed).permutation(n)] if seed is not None else chosen
+    staging = storage.join(folder, f".{split}{storage.TMP_MARK}staging-{os.getpid()}-{secrets.token_hex(4)}")
+    storage.makedirs(staging)
     log.info("sharding %d records of %s into %s (%d per shard, %s)", n, source.spec, folder, shard_size, encoding)
-    with ShardSetWriter(folder, split, shard_size, encoding) as writer:
-        for i in progress(order, total=n, desc=f"shard {split}", unit="samples"):
-            record = source.record(int(i))
-            try:
-                writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
-            except ValueError as e:
-                raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
-        provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
-                      "shard_size": shard_size, "gensynth_version": __version__}
-        if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
-            provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
-                                       "chosen_from": len(source)}
-        manifest = writer.finish(classes=source.classes, provenance=provenance)
+    try:
+        with ShardSetWriter(staging, split, shard_size, encoding) as writer:
+            for i in progress(order, total=n, desc=f"shard {split}", unit="samples"):
+                record = source.record(int(i))
+                try:
+                    writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
+                except ValueError as e:
+                    raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
+            provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
+                          "shard_size": shard_size, "gensynth_version": __version__}
+            if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
+                provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
+                                           "chosen_from": len(source)}
+            manifest = writer.finish(classes=source.classes, provenance=provenance)
+            _commit(staging, folder, split, manifest)
+    finally:
+        for name in storage.listdir(staging):  # only left on a failure
+            storage.remove(storage.join(staging, name))
+        storage.remove_folder(staging)
     log.info("wrote %d samples in %d shards (%.1f MB) and %s", manifest.num_samples, len(manifest.shards),
              manifest.num_bytes / 1e6, manifest_url(folder))
     return manifest
+
+
+def _commit(staging: str, folder: str, split: str, manifest: Manifest) -> None:
+    """Replace whatever set is in `folder` by the staged one: its old manifest goes first (from then on
+    the folder does not look complete), then the shards move in, stale shards go, the manifest comes last."""
+    storage.remove(manifest_url(folder))
+    new = {s.name for s in manifest.shards}
+    for name in sorted(new):
+        storage.move(storage.join(staging, name), storage.join(folder, name))
+    for name in shard_names(folder, split):
+        if name not in new:
+            storage.remove(storage.join(folder, name))
+    storage.remove(manifest_url(staging))
+    write_manifest(folder, manifest)

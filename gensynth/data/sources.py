@@ -14,10 +14,10 @@ which file and record is at fault when something cannot be read.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,34 +102,57 @@ def _existing(path: str | Path, what: str) -> Path:
 # ---------------------------------------------------------------------------------------------- idx
 
 
-def read_idx(path: Path, expect_dims: int) -> np.ndarray:
-    """An IDX file (gzip or not) as a uint8 array; errors name the file and the first incomplete record."""
+def _read_maybe_gzip(path: Path) -> tuple[bytes, bool]:
+    """(contents, cut short?): gzip is undone as far as the stream goes, so that a download cut short
+    is reported in records, like any truncated IDX file."""
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise InputDataError(f"{path}: cannot decompress: {e} (the file is truncated or not gzip)") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise InputDataError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
-    dtype_code, ndim = raw[2], raw[3]
-    if dtype_code != 0x08:
-        raise InputDataError(f"{path}: IDX data type 0x{dtype_code:02x} is not unsigned byte (0x08)")
-    if ndim != expect_dims:
-        raise InputDataError(f"{path}: IDX holds {ndim}-dimensional data, expected {expect_dims} "
-                             f"({'images N x rows x cols' if expect_dims == 3 else 'labels N'})")
-    header = 4 + 4 * ndim
+    except OSError as e:
+        raise InputDataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw, False
+    parts = []
+    while raw:  # a gzip file may hold several members, one after the other
+        stream = zlib.decompressobj(wbits=31)
+        try:
+            parts.append(stream.decompress(raw))
+        except zlib.error as e:
+            raise InputDataError(f"{path}: not a readable gzip file: {e}") from None
+        if not stream.eof:
+            return b"".join(parts), True
+        raw = stream.unused_data
+    return b"".join(parts), False
+
+
+def read_idx(path: Path, expect_dims: int) -> np.ndarray:
+    """An IDX file (gzip or not) as a uint8 array; errors name the file and the first incomplete record."""
+    what = "images N x rows x cols" if expect_dims == 3 else "labels N"
+    raw, cut = _read_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expect_dims:
+        if len(raw) >= 4 and raw[:3] == b"\0\0\x08" and raw[3] in (1, 3):
+            raise InputDataError(f"{path}: IDX holds {raw[3]}-dimensional data, expected {expect_dims} ({what}); "
+                                 "are the images and labels files swapped?")
+        if len(raw) >= 4 and raw[:2] == b"\0\0":
+            raise InputDataError(f"{path}: IDX data type 0x{raw[2]:02x} with {raw[3]} dimensions; gensynth reads "
+                                 f"unsigned bytes (0x08) with {expect_dims} ({what}): magic 0x0000080{expect_dims}")
+        raise InputDataError(f"{path}: not an IDX file: it starts with 0x{raw[:4].hex() or 'nothing'}, an IDX "
+                             f"file of {what} starts with 0x0000080{expect_dims}")
+    header = 4 + 4 * expect_dims
     if len(raw) < header:
-        raise InputDataError(f"{path}: truncated inside the IDX header")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    record = int(np.prod(dims[1:])) if ndim > 1 else 1
+        raise InputDataError(f"{path}: truncated inside the IDX header ({len(raw)} of {header} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(expect_dims)]
+    record = int(np.prod(dims[1:])) if expect_dims > 1 else 1
     body = len(raw) - header
     if body < dims[0] * record:
         complete = body // record
         raise InputDataError(f"{path}: truncated: the header says {dims[0]} records of {record} bytes, "
-                             f"the file holds {complete} complete records (record {complete} is cut short)")
+                             f"the file holds {complete} complete records (record {complete} is cut short"
+                             f"{'; the gzip stream ends early' if cut else ''})")
+    if cut:
+        raise InputDataError(f"{path}: truncated: the gzip stream ends early (after all {dims[0]} records)")
     if body > dims[0] * record:
-        raise InputDataError(f"{path}: {body - dims[0] * record} bytes after the last of {dims[0]} records")
+        raise InputDataError(f"{path}: {body - dims[0] * record} bytes after the last of {dims[0]} records "
+                             "(the header's count is wrong, or two files were joined)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -232,7 +255,10 @@ class HFSource(Source):
                 ds = ds[split]
         else:
             files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
-            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+            try:
+                ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+            except Exception as e:  # pyarrow and datasets raise many kinds; all mean "cannot read these files"
+                raise InputDataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
         for col in [image_column] + ([label_column] if label_column else []):
             if col not in ds.column_names:
                 raise UsageError(f"{path}: no column {col!r}; columns are {', '.join(ds.column_names)} "
@@ -259,8 +285,16 @@ class HFSource(Source):
             else:
                 image = as_hwc(np.asarray(value, dtype=np.uint8))
         except (DecodeError, ValueError, TypeError) as e:
-            raise InputDataError(f"{self.spec}: cannot read image of record {i}: {e}") from None
-        label = int(row[self.label_column]) if self.label_column else None
+            raise InputDataError(f"{self.spec}: record {i}: cannot read column {self.image_column!r} "
+                                 f"as an image: {e}") from None
+        label = None
+        if self.label_column:
+            value = row[self.label_column]
+            try:
+                label = int(value)
+            except (TypeError, ValueError):
+                raise InputDataError(f"{self.spec}: record {i}: label {value!r} in column {self.label_column!r} "
+                                     "is not an integer class index") from None
         return Record(i, image, label, {"source_index": i})
 
     def provenance(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ faster than `tarfile` on small members, and it tells a truncated shard from a co
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import IO
 
@@ -43,8 +44,25 @@ def _octal(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _octal(header[148:156])
-    return stored == sum(header[:148]) + 256 + sum(header[156:])  # chksum field counts as 8 spaces
+    """The header's byte sum (its checksum field counted as 8 spaces) equals the stored checksum.
+
+    Compared modulo 65521 through zlib's adler32, whose low half is 1 + the byte sum mod 65521: one C
+    call instead of a Python loop over 512 bytes (it was a fifth of the reader's time). A damaged
+    header passes only if its sum moved by exactly 65521.
+    """
+    field = header[148:156]
+    try:
+        stored = int(field[:6], 8) if field[6] == 0 else _octal(field)  # tarfile writes "%06o\0 "
+    except ValueError:
+        return False
+    return ((zlib.adler32(header) & 0xFFFF) - 1 - sum(field) + 256 - stored) % 65521 == 0
+
+
+def _size(header: bytes) -> int:
+    try:
+        return int(header[124:135], 8)  # the usual 11 octal digits + NUL
+    except ValueError:
+        return _octal(header[124:136])
 
 
 def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -59,7 +77,10 @@ def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             return
         if not _checksum_ok(header):
             raise CorruptShard("tar header checksum mismatch")
-        size = _octal(header[124:136])
+        try:
+            size = _size(header)
+        except ValueError:
+            raise CorruptShard("tar header has an unreadable size field") from None
         kind = header[156:157]
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         data = read(padded)
@@ -98,7 +119,8 @@ def iter_samples(f: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     key: str | None = None
     fields: dict[str, bytes] = {}
     for name, data in iter_members(f):
-        k, ext = split_key(name)
+        dot = name.find(".", name.rfind("/") + 1)  # split_key, inlined: this loop runs per member
+        k, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
         if k != key:
             if key is not None:
                 yield key, fields

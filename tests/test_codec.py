@@ -1,0 +1,210 @@
+"""The loader's fast paths give the same answers as the slow, standard ones: tar parsing, PNG and npy."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gensynth.data.codec import (
+    DecodeError,
+    decode_image,
+    decode_npy,
+    decode_png,
+    encode_npy,
+    encode_png,
+    png_scanlines,
+)
+from gensynth.data.stream import ShardLoader
+from gensynth.data.tario import CorruptShard, TarShardWriter, TruncatedShard, iter_members, iter_samples
+
+
+def pixels(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def pillow_png(image: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image if image.shape[2] != 1 else image[:, :, 0]).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ PNG
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_our_png_round_trips_and_pillow_agrees(channels):
+    image = pixels((5, 7, channels))
+    data = encode_png(image)
+    assert png_scanlines(data) is not None, "our own PNGs take the fast path"
+    assert np.array_equal(decode_png(data), image)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))).reshape(image.shape), image)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_filtered_png_from_pillow_decodes_the_same(channels):
+    image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 9, (12, 1, channels))  # filters pay off
+    data = pillow_png(image, optimize=True)
+    assert np.array_equal(decode_png(data), image)
+
+
+def test_palette_png_is_converted_to_rgb():
+    image = pixels((6, 6, 3))
+    data = pillow_png(image)
+    palette = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("P", palette=Image.Palette.ADAPTIVE).save(palette, format="PNG")
+    decoded = decode_png(palette.getvalue())
+    assert decoded.shape == (6, 6, 3) and decoded.dtype == np.uint8
+
+
+def test_png_split_over_several_idat_chunks():
+    image = pixels((9, 9, 1))
+    data = encode_png(image)
+    length = struct.unpack(">I", data[33:37])[0]
+    body = data[41:41 + length]
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    split = data[:33] + chunk(b"IDAT", body[:10]) + chunk(b"IDAT", body[10:]) + chunk(b"IEND", b"")
+    assert np.array_equal(decode_png(split), image)
+
+
+@pytest.mark.parametrize("damage", ["signature", "truncated", "zlib", "short_header"])
+def test_damaged_png_raises_decode_error(damage):
+    data = encode_png(pixels((8, 8, 1)))
+    bad = {"signature": b"GIF89a" + data[6:], "truncated": data[:len(data) // 2],
+           "zlib": data[:45] + bytes(20) + data[65:], "short_header": data[:20]}[damage]
+    with pytest.raises(DecodeError):
+        decode_png(bad)
+
+
+# ------------------------------------------------------------------------------------------------ npy
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (4, 5, 1), (4, 5, 3)])
+def test_npy_round_trip_and_remembered_header(shape):
+    image = pixels(shape)
+    for _ in range(2):  # the second call takes the remembered header
+        decoded = decode_npy(encode_npy(image))
+        assert decoded.shape == (4, 5, shape[2] if len(shape) == 3 else 1)
+        assert np.array_equal(decoded.reshape(shape), image)
+
+
+def test_fortran_order_npy_is_read_by_numpy():
+    image = np.asfortranarray(pixels((4, 6, 3)))
+    buf = io.BytesIO()
+    np.save(buf, image, allow_pickle=False)
+    assert np.array_equal(decode_npy(buf.getvalue()), image)
+
+
+def test_bad_npy_raises_decode_error():
+    with pytest.raises(DecodeError, match="uint8"):
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((3, 3), np.float32))
+        decode_npy(buf.getvalue())
+    with pytest.raises(DecodeError, match="data bytes"):
+        decode_npy(encode_npy(pixels((4, 4, 1)))[:-3])
+    with pytest.raises(DecodeError):
+        decode_npy(b"not an npy file at all")
+
+
+def test_jpeg_goes_through_pillow():
+    buf = io.BytesIO()
+    Image.fromarray(pixels((8, 8, 3))).save(buf, format="JPEG")
+    assert decode_image(buf.getvalue(), "jpg").shape == (8, 8, 3)
+
+
+# ------------------------------------------------------------------------------------------------ tar
+
+
+def stdlib_tar(members: list[tuple[str, bytes]], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("somedir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # a directory entry: skipped
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_matches_tarfile_including_long_names(fmt):
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 80
+    members = [(f"{long_dir}/s-{i:03d}.{ext}", bytes([i]) * (i * 37 % 700)) for i in range(5) for ext in ("cls", "png")]
+    data = stdlib_tar(members, fmt)
+    assert list(iter_members(io.BytesIO(data))) == members
+    samples = list(iter_samples(io.BytesIO(data)))
+    assert [k for k, _ in samples] == [f"{long_dir}/s-{i:03d}" for i in range(5)]
+    assert all(set(fields) == {"cls", "png"} for _, fields in samples)
+
+
+def test_seven_digit_checksum_field_is_accepted():
+    header = bytearray(stdlib_tar([("a.cls", b"1")], tarfile.USTAR_FORMAT)[512:1024])
+    total = sum(header[:148]) + 256 + sum(header[156:])
+    header[148:156] = b"%07o\0" % total  # GNU tar's layout; Python writes "%06o\0 "
+    data = bytes(header) + b"1".ljust(512, b"\0") + bytes(1024)
+    assert list(iter_members(io.BytesIO(data))) == [("a.cls", b"1")]
+
+
+def our_shard(n: int) -> bytes:
+    buf = io.BytesIO()
+    writer = TarShardWriter(buf)
+    for i in range(n):
+        writer.write(f"k-{i:04d}", {"cls": b"3", "png": encode_png(pixels((4, 4, 1), i))})
+    writer.close()
+    return buf.getvalue()
+
+
+def test_damaged_header_and_truncation_are_told_apart():
+    data = bytearray(our_shard(3))
+    data[1024 + 100] ^= 0x01  # a byte of the second member's header (mode field)
+    with pytest.raises(CorruptShard):
+        list(iter_members(io.BytesIO(bytes(data))))
+    whole = our_shard(3)
+    for cut in (700, 2048 + 100, 6 * 1024):  # inside data, inside a header, at the missing end marker
+        with pytest.raises(TruncatedShard):
+            list(iter_members(io.BytesIO(whole[:cut])))
+
+
+def test_shard_bytes_are_repeatable_and_tarfile_reads_them():
+    assert our_shard(4) == our_shard(4)
+    with tarfile.open(fileobj=io.BytesIO(our_shard(2))) as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == ["k-0000.cls", "k-0000.png", "k-0001.cls", "k-0001.png"]
+    assert {(i.mtime, i.uid, i.gid, i.mode) for i in infos} == {(0, 0, 0, 0o444)}
+
+
+# ----------------------------------------------------------------------- mixed encodings in one batch
+
+
+def test_batch_mixing_our_png_pillow_png_and_npy_keeps_every_pixel(tmp_path: Path):
+    images = [pixels((6, 5, 1), i) for i in range(9)]
+    encoders = [encode_png, lambda a: pillow_png(a, optimize=True), encode_npy]
+    path = tmp_path / "mixed-000000.tar"
+    with open(path, "wb") as f:
+        writer = TarShardWriter(f)
+        for i, image in enumerate(images):
+            encoder = encoders[i % 3]
+            field = "npy" if encoder is encode_npy else "png"
+            writer.write(f"m-{i:04d}", {"cls": str(i).encode(), field: encoder(image)})
+        writer.close()
+    for batch_size in (9, 3):  # one mixed batch; batches of three, one of each kind
+        seen = {}
+        for batch in ShardLoader([str(path)], batch_size=batch_size, shuffle_buffer=0):
+            for key, label, image in zip(batch["key"], batch["label"], batch["image"]):
+                seen[key] = (int(label), image)
+        assert sorted(seen) == [f"m-{i:04d}" for i in range(9)]
+        for i, image in enumerate(images):
+            label, got = seen[f"m-{i:04d}"]
+            assert label == i and torch.equal(got, torch.from_numpy(image.transpose(2, 0, 1).copy()))
