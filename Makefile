@@ -28,6 +28,14 @@ system:
 	    echo "missing $(FASHION): run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; \
 	  fi; \
 	fi
+	@# headless Chromium: the evaluation test opens report.html in it and checks that every image loads
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "missing chromium: run 'sudo apt-get install chromium' (the report test skips without it, and fails under CI)" >&2; \
+	  fi; \
+	fi
 
 setup: $(STAMP) system
 
@@ -59,6 +67,7 @@ bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
 	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
 	$(BIN)/python bench/generate.py --json bench/results/generate.json
+	$(BIN)/python bench/quality.py --json bench/results/quality.json
 
 clean:
 	rm -rf $(VENV) data runs reports bench/results .pytest_cache

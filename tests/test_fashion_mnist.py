@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,11 @@ def test_demo_runs_end_to_end(fashion_shards, capsys, tmp_path):
     # reuses the verified shards; a short training stage (the real demo trains for minutes)
     code = run_demo(str(fashion_shards), str(FASHION_DIR), num_workers=2,
                     overrides=[f"run.root={tmp_path}", "train.steps=4", "train.sample_every=2", "train.eval_every=2",
-                               "gan.g_channels=8", "gan.d_channels=8", "gan.max_channels=16"],
-                    synth=str(tmp_path / "synth"), num_synthetic=300)
+                               "gan.g_channels=8", "gan.d_channels=8", "gan.max_channels=16",
+                               # a tiny evaluation: an extractor of a few dozen steps, a few classifier steps
+                               f"eval.cache={tmp_path / 'cache'}", "eval.extractor_epochs=0.05", "eval.num=300",
+                               "eval.classifier_steps=5", "eval.kid_subset=100", "eval.kid_subsets=2"],
+                    synth=str(tmp_path / "synth"), num_synthetic=300, report=str(tmp_path / "report"))
     out = capsys.readouterr().out
     assert code == 0
     assert "verify     ok: 12 shards" in out and "streamed 60000 samples, each exactly once" in out
@@ -75,3 +79,7 @@ def test_demo_runs_end_to_end(fashion_shards, capsys, tmp_path):
     assert "synthetic set: 300 samples in 1 shards" in out and "webdataset.WebDataset(" in out
     synth = read_manifest(str(tmp_path / "synth"))
     assert synth.class_histogram == {str(c): 30 for c in range(10)} and synth.classes == FASHION_MNIST_CLASSES
+    report = tmp_path / "report"
+    assert f"report: {report / 'report.html'}" in out and "FID" in out and "near-copies" in out
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["protocol"]["evaluated_samples"] == 300 and metrics["synthetic"]["url"] == str(tmp_path / "synth")

@@ -36,5 +36,5 @@ def test_mean_gap_is_zero_for_identical_sets_and_grows_with_a_shift():
 
 
 def test_unknown_metric_is_a_config_error():
-    with pytest.raises(ConfigError, match="available: mean_gap, variety"):
+    with pytest.raises(ConfigError, match="available: class_consistency, fid, kid, mean_gap, variety"):
         check_metrics(["fid_typo"])

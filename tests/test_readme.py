@@ -21,6 +21,8 @@ def python_blocks() -> list[str]:
 def test_readme_example_runs(index, tmp_path, monkeypatch, tiny_gan):
     monkeypatch.chdir(tmp_path)
     write_shard_set(tmp_path / "data" / "fashion" / "train", [300, 211, 250])
+    write_shard_set(tmp_path / "data" / "fashion" / "test", [100], split="test")
+    monkeypatch.setenv("GENSYNTH_CACHE", str(tmp_path / "cache"))  # the evaluation's extractor, not in ~/.cache
     assert main(["-q", "generate", str(tiny_gan), "data/synth/v1", "--num", "120", "--shard-size", "50"]) == 0
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})

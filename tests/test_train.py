@@ -145,6 +145,38 @@ def test_tensorboard_events_hold_scalars_and_sample_grids(toy_data, tmp_path):
         "samples-step-00000010.png", "samples-step-00000020.png"]
 
 
+def test_fid_and_class_consistency_in_training_keep_a_pointer_to_the_best_generator(toy_data, tmp_path):
+    """eval.metrics fid / class_consistency: the extractor for the run's data is trained once and cached,
+    the metrics land in TensorBoard, and best.json names the step of the lowest FID, exported to best/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gensynth.sampling import load_sampler
+
+    cache = tmp_path / "cache"
+    config = tiny_config(tmp_path, toy_data, train__steps=30,
+                         eval__metrics=["fid", "class_consistency", "variety"],
+                         eval__real_test=toy_data, eval__cache=str(cache), eval__extractor_epochs=2.0)
+    done = gensynth("train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training the feature extractor" in done.stderr
+    cached = list((cache / "extractors").glob("*/*/config.json"))
+    assert len(cached) == 1
+    events = EventAccumulator(str(run_dir(config) / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    fids = {e.step: e.value for e in events.Scalars("eval/fid")}
+    assert sorted(fids) == [10, 20, 30] and all(v >= 0 for v in fids.values())
+    assert all(0 <= e.value <= 1 for e in events.Scalars("eval/class_consistency"))
+    assert "eval/variety" in events.Tags()["scalars"]  # the weight-free plug-ins still run beside them
+    best = json.loads((run_dir(config) / "best.json").read_text())
+    assert best["fid"] == pytest.approx(min(fids.values()), rel=1e-5)
+    assert fids[best["step"]] == pytest.approx(best["fid"], rel=1e-5)
+    assert best["checkpoint"] == f"checkpoints/step-{best['step']:08d}"  # eval_every = checkpoint_every here
+    sampler = load_sampler(run_dir(config) / "best")  # the best generator: an export like any other
+    assert sampler.config["step"] == best["step"] and sampler.family == "gan"
+    again = gensynth("train", str(config), "train.steps=40")  # resumed: the cached extractor is reused
+    assert again.returncode == 0 and "training the feature extractor" not in again.stderr
+
+
 def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, tmp_path):
     config = tiny_config(tmp_path, toy_data, train__steps=10)
     assert gensynth("train", str(config)).returncode == 0

@@ -36,8 +36,24 @@ def shard_names(folder: str, split: str) -> list[str]:
     return [n for n in storage.listdir(folder) if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", n)]
 
 
+def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
+    """Indices of K records of every label, chosen at random (seeded), in source order."""
+    labels = np.array([-1 if (lab := source.label(i)) is None else lab for i in range(len(source))])
+    if (labels < 0).any():
+        raise UsageError(f"{source.spec}: --per-class needs a label on every record, "
+                         f"{int((labels < 0).sum())} have none")
+    rng = np.random.default_rng(0 if seed is None else seed)
+    chosen = []
+    for c in np.unique(labels):
+        candidates = np.flatnonzero(labels == c)
+        if len(candidates) < k:
+            raise UsageError(f"{source.spec}: class {c} has {len(candidates)} records, --per-class {k} needs {k}")
+        chosen.append(rng.choice(candidates, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
 def ingest(source: Source, out: str, split: str = "train", shard_size: int = 5000, encoding: str = "png",
-           seed: int | None = 0, overwrite: bool = False) -> Manifest:
+           seed: int | None = 0, overwrite: bool = False, per_class: int | None = None) -> Manifest:
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
     The shards are written into a hidden staging folder beside the set and moved in only once all are
@@ -53,10 +69,13 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
     if storage.exists(manifest_url(folder)) and not overwrite:
         raise UsageError(f"{folder} already holds a complete shard set ({MANIFEST_NAME}); "
                          "pass --overwrite to replace it, or choose another OUT")
-    n = len(source)
-    if n == 0:
+    if per_class is not None and per_class < 1:
+        raise UsageError(f"--per-class {per_class}: must be >= 1")
+    if len(source) == 0:
         raise InputDataError(f"{source.spec}: no records to write")
-    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    chosen = per_class_subset(source, per_class, seed) if per_class else np.arange(len(source))
+    n = len(chosen)
+    order = chosen[np.random.default_rng(seed).permutation(n)] if seed is not None else chosen
     staging = storage.join(folder, f".{split}{storage.TMP_MARK}staging-{os.getpid()}-{secrets.token_hex(4)}")
     storage.makedirs(staging)
     log.info("sharding %d records of %s into %s (%d per shard, %s)", n, source.spec, folder, shard_size, encoding)
@@ -70,6 +89,9 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
                     raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
             provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
                           "shard_size": shard_size, "gensynth_version": __version__}
+            if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
+                provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
+                                           "chosen_from": len(source)}
             manifest = writer.finish(classes=source.classes, provenance=provenance)
             _commit(staging, folder, split, manifest)
     finally:

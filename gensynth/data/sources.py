@@ -5,6 +5,8 @@
     folder:DIR                                  an image folder, one subfolder per class
     hf:PATH                                     a Hugging Face dataset saved with save_to_disk, or parquet files
     npz:FILE                                    numpy arrays (images N x H x W [x C], labels N)
+    shards:DIR                                  an existing shard set (folder, s3:// prefix or manifest URL),
+                                                e.g. to cut a K-per-class subset with --per-class K
 
 Every source gives random access to records (so ingest can write them in a seeded order) and says
 which file and record is at fault when something cannot be read.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,10 @@ class Source:
     def record(self, i: int) -> Record:
         raise NotImplementedError
 
+    def label(self, i: int) -> int | None:
+        """The label of record i (sources that hold labels apart from images answer without decoding)."""
+        return self.record(i).label
+
     def provenance(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -66,7 +73,7 @@ def open_source(spec: str, split: str = "train", image_column: str = "image", la
                 label_key: str | None = None) -> Source:
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise UsageError(f"source {spec!r} must be KIND:PATH with KIND one of idx, folder, hf, npz "
+        raise UsageError(f"source {spec!r} must be KIND:PATH with KIND one of idx, folder, hf, npz, shards "
                          "(e.g. idx:/usr/share/datasets/fashion-mnist)")
     if kind == "idx":
         source: Source = IdxSource(spec, rest, split)
@@ -76,8 +83,10 @@ def open_source(spec: str, split: str = "train", image_column: str = "image", la
         source = HFSource(spec, rest, split, image_column, label_column)
     elif kind == "npz":
         source = NpzSource(spec, rest, image_key, label_key)
+    elif kind == "shards":
+        source = ShardSetSource(spec, rest)
     else:
-        raise UsageError(f"unknown source kind {kind!r} in {spec!r}: use idx:, folder:, hf: or npz:")
+        raise UsageError(f"unknown source kind {kind!r} in {spec!r}: use idx:, folder:, hf:, npz: or shards:")
     if class_names is not None:
         source.classes = class_names
     return source
@@ -178,6 +187,9 @@ class IdxSource(Source):
 
     def record(self, i: int) -> Record:
         return Record(i, as_hwc(self.images[i]), int(self.labels[i]), {"source_index": i})
+
+    def label(self, i: int) -> int | None:
+        return int(self.labels[i])
 
     def provenance(self) -> dict[str, Any]:
         return {"source": self.spec, "files": [file_digest(p) for p in self.files]}
@@ -344,3 +356,58 @@ class NpzSource(Source):
     def provenance(self) -> dict[str, Any]:
         return {"source": self.spec, "files": [file_digest(self.path)]}
 
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+class ShardSetSource(Source):
+    """Every sample of an existing shard set, in shard order (the manifest's), decoded once."""
+
+    def __init__(self, spec: str, rest: str):
+        from gensynth import storage
+        from gensynth.data.codec import IMAGE_EXTENSIONS, decode_image
+        from gensynth.data.manifest import manifest_sha256, read_manifest
+        from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
+
+        self.spec = spec
+        self.url = rest.rstrip("/")
+        self.manifest = read_manifest(self.url)
+        folder = storage.parent(self.url) if self.url.endswith(".json") else self.url
+        self.sha256 = manifest_sha256(self.url)
+        self.classes = self.manifest.classes
+        self.records: list[tuple[str, np.ndarray, int | None, dict[str, Any]]] = []
+        for shard in self.manifest.shards:
+            url = storage.join(folder, shard.name)
+            try:
+                with storage.open_read(url) as f:
+                    for key, fields in iter_samples(f):
+                        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+                        if ext is None:
+                            raise InputDataError(f"{url}: sample {key} has no image field")
+                        try:
+                            image = decode_image(fields[ext], ext)
+                        except (DecodeError, ValueError) as e:
+                            raise InputDataError(f"{url}: sample {key}: {e}") from None
+                        label = int(fields["cls"]) if "cls" in fields else None
+                        meta = json.loads(fields["json"]) if "json" in fields else {}
+                        self.records.append((key, image, label, meta))
+            except (TruncatedShard, CorruptShard) as e:
+                raise InputDataError(f"{url}: {e} (check it: gensynth inspect {self.url} --verify)") from None
+        if len(self.records) != self.manifest.num_samples:
+            raise InputDataError(f"{self.url}: the shards hold {len(self.records)} samples, its manifest lists "
+                                 f"{self.manifest.num_samples} (check it with `gensynth inspect {self.url} --verify`)")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, i: int) -> Record:
+        key, image, label, meta = self.records[i]
+        return Record(i, image, label, {**meta, "source_key": key})
+
+    def label(self, i: int) -> int | None:
+        return self.records[i][2]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"source": self.spec, "manifest_sha256": self.sha256, "samples": len(self.records),
+                "source_provenance": self.manifest.provenance}

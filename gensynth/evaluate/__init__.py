@@ -1,1 +1,24 @@
-"""Evaluation: metrics as plug-ins (gensynth/evaluate/metrics.py), used by training's eval_every."""
+"""Evaluation: is synthetic data any good, and does it help the teams that train on it?
+
+    from gensynth.evaluate import evaluate_synthetic
+    metrics = evaluate_synthetic("data/synth/x", "data/fashion/test", train="data/fashion/train", report="reports/x")
+
+Modules, one job each: classifier (the small CNN and its fixed recipe), extractor (that CNN trained on
+the real training shards, cached), sets (shard sets in memory, seeded subsets), fidelity (FID, KID,
+precision/recall, class consistency), memorisation (nearest training vs test images, near-copies),
+usefulness (CAS, augmentation gain, the provenance check), reconstruction (MSE/PSNR/SSIM, codebook
+usage), inception (optional standard FID), report (report.html), synthetic (the whole evaluation),
+metrics (plug-ins that training's eval_every runs).
+"""
+
+from typing import Any
+
+__all__ = ["evaluate_synthetic"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: training imports evaluate.metrics without the heavy parts
+    if name == "evaluate_synthetic":
+        from gensynth.evaluate.synthetic import evaluate_synthetic
+
+        return evaluate_synthetic
+    raise AttributeError(name)

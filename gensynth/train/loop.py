@@ -15,6 +15,7 @@ data stream moves on past the batches that blew up) or, if that already happened
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections import defaultdict
@@ -25,12 +26,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from gensynth import __version__
+from gensynth import __version__, storage
 from gensynth.config import Config, dump_yaml
 from gensynth.data.manifest import manifest_sha256
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import GensynthError, UsageError
-from gensynth.evaluate.metrics import check_metrics, evaluate
+from gensynth.evaluate.metrics import MetricContext, check_metrics, evaluate, needs_extractor
 from gensynth.export import save_export
 from gensynth.imaging import to_network
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -137,6 +138,10 @@ class Run:
                                       "rolled_back_at": None, "data_manifest_sha256": self.data.manifest_sha256}
         self.streak = 0
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # real samples for eval metrics
+        self.metric_context = MetricContext(self.resolve_extractor)
+        if self.acc.is_main_process and cfg.train.eval_every and needs_extractor(cfg.eval.metrics):
+            self.metric_context.extractor  # noqa: B018 - resolve (train and cache on first use) before step 1
+        self.acc.wait_for_everyone()
         self.data_digest = ""  # hash chain over the sample keys this rank consumed: a fingerprint of its stream
         self.samples_seen = 0
 
@@ -254,9 +259,23 @@ class Run:
         self.state["rollbacks"] += 1
         self.streak = 0
 
+    def resolve_extractor(self):
+        """The feature extractor of the fid / kid / class_consistency plug-ins: eval.extractor, or the cached one
+        for the training images (data.train; for a prior, the VQ-VAE's images), trained now if there is none
+        (gensynth/evaluate/extractor.py)."""
+        from gensynth.evaluate.extractor import resolve_extractor
+
+        e = self.cfg.eval
+        extractor = resolve_extractor(self.data.images or self.cfg.data.train, e.real_test or None, e.extractor,
+                                      e.cache, e.extractor_epochs, e.seed)
+        log.info("eval metrics use the feature extractor %s (%.2f%% real test accuracy)", extractor.folder,
+                 100 * extractor.test_accuracy)
+        return extractor
+
     def evaluate(self, tracker: Tracker, step: int) -> None:
         """On the main process: the eval.metrics plug-ins on fixed noise and a fixed real sample (families
-        that generate), and the family's held-out figures on data.test (families that have them)."""
+        that generate), and the family's held-out figures on data.test (families that have them). With fid
+        among them, the generator of the lowest FID so far is exported to runs/<name>/best/, named in best.json."""
         if self.acc.is_main_process:
             values: dict[str, float] = {}
             if self.cfg.eval.metrics and getattr(self.family, "generates", True):
@@ -268,6 +287,8 @@ class Run:
                          " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
                 values.update(figures)
             tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+            if "fid" in values:
+                self.keep_best(step, values)
         self.acc.wait_for_everyone()
 
     def generated_metrics(self) -> dict[str, float]:
@@ -283,7 +304,7 @@ class Run:
             self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
         fake_labels = torch.arange(n) % self.data.num_classes
         fake = self.family.generate(fake_labels, seed=self.cfg.run.seed + 1)
-        return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference)
+        return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference, context=self.metric_context)
 
     def heldout_batches(self, batch_size: int = 500):
         """(network images, labels) of the first eval.heldout_samples of data.test, in a fixed order."""
@@ -297,6 +318,25 @@ class Run:
             left -= images.shape[0]
             yield images, batch["label"][:images.shape[0]].to(self.acc.device)
 
+    def keep_best(self, step: int, values: dict[str, float]) -> None:
+        """A new lowest eval/fid: export the generator to runs/<name>/best/ and point best.json at it."""
+        best = self.state.get("best")
+        if best is not None and best["fid"] <= values["fid"]:
+            return
+        checkpoint = self.ckpt_dir / f"step-{step:08d}"
+        self.state["best"] = {"step": step, "fid": values["fid"]}
+        self.write_export(self.dir / "best")
+        pointer = {"metric": "eval/fid", "fid": values["fid"], "step": step, "export": "best",
+                   "values": values, "num_samples": self.cfg.eval.num_samples,
+                   "extractor": str(self.metric_context.extractor.folder),
+                   # the full training state at that step exists only when a checkpoint falls on it (eval_every a
+                   # multiple of checkpoint_every) and has not been pruned (train.keep_checkpoints)
+                   "checkpoint": f"checkpoints/{checkpoint.name}" if step % self.cfg.train.checkpoint_every == 0
+                   or step == self.cfg.train.steps else None}
+        storage.write_bytes(str(self.dir / "best.json"), (json.dumps(pointer, indent=1) + "\n").encode())
+        log.info("step %d: best eval/fid so far (%.3f): generator exported to %s", step, values["fid"],
+                 self.dir / "best")
+
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
                     timing: dict[str, float]) -> None:
         values = {k: v / max(counted, 1) for k, v in sums.items()}
@@ -308,9 +348,10 @@ class Run:
         values["health/corrupt_samples"] = self.loader.corrupt
         tracker.scalars(step, values)
 
-    def write_export(self) -> None:
+    def write_export(self, folder: Path | None = None) -> None:
         if not self.acc.is_main_process:
             return
+        folder = folder or self.dir / "export"
         tensors, config = self.family.export()
         config.update({"step": self.state["step"], "run": self.cfg.run.name, "seed": self.cfg.run.seed,
                        "classes": self.data.classes, "num_classes": self.data.num_classes,
@@ -318,8 +359,8 @@ class Run:
                                  "channels": self.data.channels},
                        "data": {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256},
                        "trained_with": f"gensynth {__version__}"})
-        save_export(self.dir / "export", tensors, config)
-        log.info("export written: %s", self.dir / "export")
+        save_export(folder, tensors, config)
+        log.info("export written: %s", folder)
 
 
 def train(cfg: Config) -> int:
