@@ -53,7 +53,7 @@ def sampling_rate(source: str, num: int, shard_size: int, device: str) -> float:
     labels = interleaved_labels(list(job.counts))
     start = time.perf_counter()
     for k in range(job.num_shards):
-        draw_shard(sampler, job, labels, k)
+        draw_shard(sampler, job, labels, k)  # no filter: the sampler alone
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return num / (time.perf_counter() - start)

@@ -54,9 +54,14 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
     p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
-    p.add_argument("--temperature", type=float, help="VQ-VAE prior: sampling temperature")
+    p.add_argument("--temperature", type=float, help="VQ-VAE prior: logits temperature; VAE: latent noise scale")
     p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+    p.add_argument("--filter", nargs="?", type=float, const=0.9, dest="filter_threshold", metavar="THRESHOLD",
+                   help="keep only samples that a classifier gives their label with probability >= THRESHOLD "
+                   "(0.9 when given bare); the rest are redrawn and counted in the manifest")
+    p.add_argument("--filter-classifier", default="", help="the classifier export for --filter (default: the "
+                   "cached feature extractor of the model's training data, trained on first use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         result = generate(args.source, args.out, num=args.num, per_class=args.per_class, seed=args.seed,
                           shard_size=args.shard_size, encoding=args.encoding, options=options, task=args.task,
                           tasks=args.tasks, finalize_only=args.finalize, overwrite=args.overwrite,
-                          device=args.device)
+                          device=args.device, filter_threshold=args.filter_threshold,
+                          filter_classifier=args.filter_classifier)
         if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
         return 0
@@ -217,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--task-ids {','.join(args.task_ids)}: expected task numbers, e.g. 1,3") from None
         gen = {"num": args.num, "per_class": args.per_class, "seed": args.seed, "shard_size": args.shard_size,
-               "encoding": args.encoding, "device": args.device,
+               "encoding": args.encoding, "device": args.device, "filter_threshold": args.filter_threshold,
+               "filter_classifier": args.filter_classifier,
                "options": {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}}
         gsub = cluster.submit_generate(args.source, args.out, gen, args.array, task_ids,
                                        cluster.options_from(vars(args)), dry_run=args.dry_run)

@@ -120,6 +120,7 @@ class Job:
     shard_size: int
     encoding: str
     options: dict[str, Any] = field(hash=False)
+    filter: dict[str, Any] | None = field(default=None, hash=False)  # {"classifier_sha256", "threshold"}
 
     @property
     def num(self) -> int:
@@ -156,16 +157,77 @@ def receipt_url(out: str, name: str) -> str:
     return storage.join(out, RECEIPTS, name.replace(".tar", ".json"))
 
 
-def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shard k's images (uint8 n x H x W x C) and labels: a function of (export, job, k) alone."""
+class SampleFilter:
+    """Keep a sample only when a classifier (the evaluation's feature extractor, gensynth/evaluate/)
+    gives its intended label a probability of at least `threshold`."""
+
+    MAX_ROUNDS = 50  # redraws of the rejected samples before a shard gives up
+
+    def __init__(self, classifier: Any, threshold: float, describe: dict[str, Any]):
+        if not 0 < threshold < 1:
+            raise UsageError(f"--filter-threshold {threshold}: must be between 0 and 1")
+        self.model = classifier.eval()
+        self.threshold = threshold
+        self.describe = describe
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Probability of each sample's own label, for uint8 [n, C, H, W] images (fixed chunks of 256)."""
+        out = []
+        for i in range(0, len(images), 256):
+            logits = self.model(self.model.normalize(images[i:i + 256]))
+            out.append(logits.softmax(1).gather(1, labels[i:i + 256, None]).squeeze(1))
+        return torch.cat(out) if out else torch.empty(0)
+
+
+def load_filter(classifier: str, train_url: str | None, threshold: float, cache: str = "") -> SampleFilter:
+    """The classifier export named, or the cached feature extractor of the model's training data."""
+    from gensynth.evaluate.extractor import load_extractor, resolve_extractor
+
+    if classifier:
+        extractor = load_extractor(classifier)
+    else:
+        if not train_url or not storage.exists(manifest_url(train_url)):
+            raise UsageError(f"--filter needs a classifier: the export's training data {train_url!r} is not "
+                             "reachable from here to find or train one; name one with --filter-classifier")
+        extractor = resolve_extractor(train_url, cache=cache)
+    describe = {"classifier_sha256": extractor.config.get("weights_sha256"), "threshold": threshold,
+                "classifier_test_accuracy": extractor.test_accuracy,
+                "classifier_trained_on": extractor.config.get("data", {}).get("manifest_sha256")}
+    return SampleFilter(extractor.model, threshold, describe)
+
+
+def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
+               keep: SampleFilter | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Shard k's images (uint8 n x H x W x C), labels, filter scores (or None) and drops per class: a
+    function of (export, job, k) alone. With a filter, rejected samples are redrawn (for the same labels,
+    from the same generator) until every place is filled."""
     lo, hi = job.shard_range(k)
     shard_labels = torch.from_numpy(labels[lo:hi])
-    images = sampler.sample(shard_labels, shard_generator(job.seed, k), job.options)
-    return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy()
+    generator = shard_generator(job.seed, k)
+    images = sampler.sample(shard_labels, generator, job.options)
+    dropped = np.zeros(sampler.num_classes, dtype=np.int64)
+    if keep is None:
+        return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), None, dropped
+    scores = keep.scores(images, shard_labels)
+    for _ in range(keep.MAX_ROUNDS):
+        rejected = (scores < keep.threshold).nonzero().squeeze(1)
+        if len(rejected) == 0:
+            break
+        dropped += np.bincount(shard_labels[rejected].numpy(), minlength=sampler.num_classes)
+        redrawn = sampler.sample(shard_labels[rejected], generator, job.options)
+        images[rejected] = redrawn
+        scores[rejected] = keep.scores(redrawn, shard_labels[rejected])
+    else:
+        short = sorted({sampler.classes[int(c)] for c in shard_labels[scores < keep.threshold]})
+        raise GensynthError(f"shard {k}: after {keep.MAX_ROUNDS} redraws some samples of {', '.join(short)} still "
+                            f"score below --filter-threshold {keep.threshold}; the model rarely makes that class "
+                            "recognisably: lower the threshold or improve the model")
+    return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
 
 
 def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
-                out: str) -> dict[str, Any]:
+                scores: np.ndarray | None, dropped: np.ndarray, out: str) -> dict[str, Any]:
     """Encode shard k, publish it whole, then its receipt; return the receipt."""
     lo, _ = job.shard_range(k)
     meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
@@ -174,6 +236,8 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     def samples():
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
+            if scores is not None:
+                meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
             yield job.key(lo + i), {job.encoding: encode_image(image, job.encoding),
                                     "cls": str(label).encode("ascii"),
                                     "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
@@ -182,7 +246,7 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     info = write_tar(storage.join(out, name), samples())
     counts = np.bincount(labels, minlength=sampler.num_classes)
     receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
-               "job": job.fingerprint()}
+               "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint()}
     storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode())
     return receipt
 
@@ -244,15 +308,17 @@ def workers_from_environment() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def provenance(sampler: Sampler, job: Job, source: str) -> dict[str, Any]:
+def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> dict[str, Any]:
     cfg = sampler.config
+    kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
+                                            "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
     data = cfg.get("data", {})
     return {"kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
             "training_data": {"train": data.get("train"), "manifest_sha256": data.get("manifest_sha256")},
             "seed": job.seed, "num": job.num, "per_class": {str(c): n for c, n in enumerate(job.counts)},
-            "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": None,
+            "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": kept,
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}
 
 
@@ -283,6 +349,7 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
 def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
     shards, histogram, missing = [], np.zeros(sampler.num_classes, dtype=np.int64), []
+    dropped = np.zeros(sampler.num_classes, dtype=np.int64)
     for k in progress(range(job.num_shards), total=job.num_shards, desc="verify", unit="shards"):
         name = shard_name(SPLIT, k)
         receipt = shard_is_done(out, name, job)
@@ -292,6 +359,8 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
         shards.append(ShardInfo(name, receipt["samples"], receipt["bytes"], receipt["sha256"]))
         for c, n in receipt["class_counts"].items():
             histogram[int(c)] += n
+        for c, n in receipt.get("dropped", {}).items():
+            dropped[int(c)] += n
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise IncompleteGeneration(f"{out}: {len(missing)} of {job.num_shards} shards are missing or do not match "
@@ -302,13 +371,13 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
                                       "channels": c, "dtype": "uint8"}, "cls": "int", "json": "object"}
     manifest = Manifest(split=SPLIT, shards=shards, schema=schema,
                         class_histogram={str(k): int(n) for k, n in enumerate(histogram) if n},
-                        classes=list(sampler.classes), provenance=provenance(sampler, job, source))
+                        classes=list(sampler.classes), provenance=provenance(sampler, job, source, dropped))
     write_manifest(out, manifest)
     return manifest
 
 
 def build_job(sampler: Sampler, source: str, num: int | None, per_class: str | list | None, seed: int,
-              shard_size: int, encoding: str, options: dict[str, Any]) -> Job:
+              shard_size: int, encoding: str, options: dict[str, Any], keep: SampleFilter | None = None) -> Job:
     if shard_size < 1:
         raise UsageError(f"--shard-size {shard_size}: must be >= 1")
     if encoding not in ("png", "npy"):
@@ -319,7 +388,7 @@ def build_job(sampler: Sampler, source: str, num: int | None, per_class: str | l
     config_sha = hashlib.sha256((Path(folder) / CONFIG).read_bytes()).hexdigest()
     counts = class_counts(num, sampler.num_classes, per_class)
     return Job(sampler.config["weights_sha256"], config_sha, seed, tuple(counts), shard_size, encoding,
-               sampler.resolve_options(options))
+               sampler.resolve_options(options), keep.describe if keep else None)
 
 
 def pick_device(device: str, local_rank: int) -> str:
@@ -335,15 +404,20 @@ def pick_device(device: str, local_rank: int) -> str:
 def generate(source: str, out: str, num: int | None = None, per_class: str | list | None = None, seed: int = 0,
              shard_size: int = 5000, encoding: str = "png", options: dict[str, Any] | None = None,
              task: int = 0, tasks: int = 1, finalize_only: bool = False, overwrite: bool = False,
-             device: str = "auto") -> Result:
+             device: str = "auto", filter_threshold: float | None = None, filter_classifier: str = "") -> Result:
     """Write this worker's shards of the job (and the manifest, when this worker is the only one, or rank 0
-    of a process group with a single task). Returns what was done."""
+    of a process group with a single task). Returns what was done. With `filter_threshold`, only samples that
+    the classifier (`filter_classifier`, or the cached feature extractor of the model's training data) gives
+    their label with at least that probability are kept; the rest are redrawn and counted."""
     if not 0 <= task < tasks:
         raise UsageError(f"--task {task} of --tasks {tasks}: need 0 <= task < tasks")
     rank, world = workers_from_environment()
     out = str(out).rstrip("/")
     sampler = load_sampler(source, device=pick_device(device, int(os.environ.get("LOCAL_RANK", rank))))
-    job = build_job(sampler, source, num, per_class, seed, shard_size, encoding, options or {})
+    keep = None
+    if filter_threshold is not None:
+        keep = load_filter(filter_classifier, sampler.config.get("data", {}).get("train"), filter_threshold)
+    job = build_job(sampler, source, num, per_class, seed, shard_size, encoding, options or {}, keep)
     result = Result(out)
     if finalize_only:
         result.manifest = finalize(out, sampler, job, source)
@@ -378,14 +452,14 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
             if shard_is_done(out, shard_name(SPLIT, k), job) is not None:
                 result.skipped += 1
                 continue
-            images, shard_labels = draw_shard(sampler, job, labels, k)
+            images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
             if pending is not None:
                 result.add(pending.result())
                 pending = None
             if overlap:
-                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, out)
+                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, scores, dropped, out)
             else:
-                result.add(write_shard(sampler, job, k, images, shard_labels, out))
+                result.add(write_shard(sampler, job, k, images, shard_labels, scores, dropped, out))
         if pending is not None:
             result.add(pending.result())
     result.seconds = time.perf_counter() - start

@@ -1,0 +1,83 @@
+"""--filter: samples a classifier does not recognise as their label are redrawn, counted and recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gensynth.cli import main
+from gensynth.data.manifest import read_manifest
+from gensynth.evaluate.classifier import SmallCNN
+from gensynth.evaluate.extractor import KIND
+from gensynth.export import save_export
+from gensynth.generate import SampleFilter, build_job, draw_shard, interleaved_labels
+from gensynth.sampling import load_sampler
+
+
+class BrightnessJudge(nn.Module):
+    """A stand-in classifier: confident in class 0 exactly when an image is brighter than `level`."""
+
+    def __init__(self, level: float, classes: int = 10):
+        super().__init__()
+        self.level, self.classes = level, classes
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        return images.float() / 255
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), self.classes)
+        logits[:, 0] = 1000 * (x.mean(dim=(1, 2, 3)) - self.level)
+        return logits
+
+
+def test_rejected_samples_are_redrawn_until_every_place_passes(tiny_gan):
+    sampler = load_sampler(tiny_gan)
+    job = build_job(sampler, str(tiny_gan), 64, "64,0,0,0,0,0,0,0,0,0", 0, 64, "png", {})
+    labels = interleaved_labels(list(job.counts))
+    plain, _, _, _ = draw_shard(sampler, job, labels, 0)
+    level = float(np.median(plain.reshape(64, -1).mean(1) / 255))  # about half the samples fail at first
+    judge = SampleFilter(BrightnessJudge(level), 0.9, {"threshold": 0.9})
+    images, kept_labels, scores, dropped = draw_shard(sampler, job, labels, 0, judge)
+    assert (scores >= 0.9).all() and dropped[0] >= 20 and dropped[1:].sum() == 0
+    assert (images.reshape(64, -1).mean(1) / 255 > level).all()
+    kept_before = plain.reshape(64, -1).mean(1) / 255 > level + 0.005  # clear passes stay where they were
+    assert np.array_equal(images[kept_before], plain[kept_before])
+    again = draw_shard(sampler, job, labels, 0, judge)
+    assert np.array_equal(again[0], images) and np.array_equal(again[3], dropped)
+
+
+def constant_classifier(folder, probabilities: list[float]) -> str:
+    """A real SmallCNN export whose output ignores the image: zero weights, the head's bias sets it."""
+    model = SmallCNN(channels=1, num_classes=10)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.log(torch.tensor(probabilities)))
+    save_export(folder, model.state_dict(), {"kind": KIND, "architecture": model.architecture,
+                                              "test": {"accuracy": 0.5}, "data": {"manifest_sha256": "x"}})
+    return str(folder)
+
+
+def test_cli_filter_records_the_classifier_and_refuses_a_class_it_never_accepts(tiny_gan, tmp_path, capsys):
+    classifier = constant_classifier(tmp_path / "clf", [0.95] + [0.05 / 9] * 9)
+    out = tmp_path / "kept"
+    assert main(["-q", "generate", str(tiny_gan), str(out), "--per-class", "30,0,0,0,0,0,0,0,0,0",
+                 "--shard-size", "16", "--filter", "0.9", "--filter-classifier", classifier]) == 0
+    manifest = read_manifest(str(out))
+    kept = manifest.provenance["filter"]
+    assert kept["threshold"] == 0.9 and kept["dropped"] == 0 and kept["classifier_sha256"]
+    import webdataset as wds
+
+    scores = [s["json"]["score"] for s in wds.WebDataset([str(out / x.name) for x in manifest.shards],
+                                                          shardshuffle=False, empty_check=False).decode()]
+    assert len(scores) == 30 and min(scores) == pytest.approx(0.95, abs=1e-4)
+
+    capsys.readouterr()
+    assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "never"), "--num", "20", "--filter",
+                 "--filter-classifier", classifier]) == 1
+    err = capsys.readouterr().err
+    assert "still score below --filter-threshold 0.9" in err and "c1" in err
+    assert not (tmp_path / "never" / "manifest.json").exists()
