@@ -102,7 +102,8 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     lines.append(f"checkpoints {text}")
     if checkpoints:
         state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
-        lines.append(f"history    step {state.get('step')}, {state.get('world_size', 1)} processes; "
+        lines.append(f"history    step {state.get('step')} of {section['train'].get('steps', '?')}, "
+                     f"{state.get('world_size', 1)} processes; "
                      f"{state.get('resumes', 0)} resumes, {state.get('stops', 0)} stops by signal, "
                      f"{state.get('rollbacks', 0)} roll-backs")
     ok = True
