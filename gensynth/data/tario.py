@@ -135,25 +135,37 @@ def count_samples(f: IO[bytes]) -> int:
     return sum(1 for _ in iter_samples(f))
 
 
+def _ustar_template() -> tuple[bytes, int]:
+    """The fields every header of ours shares (mode 0444, owner 0, mtime 0, regular file, ustar magic), name
+    and size left zero, and the byte sum of that template with its checksum field counted as spaces."""
+    header = bytearray(BLOCK)
+    header[100:108] = b"0000444\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b"        "  # the checksum counts its own field as spaces
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    return bytes(header), sum(header)
+
+
+_USTAR_TEMPLATE, _USTAR_TEMPLATE_SUM = _ustar_template()
+
+
 def ustar_header(name: str, size: int) -> bytes:
     """The 512-byte ustar header of a regular file, exactly as `tarfile` writes it for our members (mode
-    0444, owner 0, mtime 0, empty user/group names), built directly: about 20x faster than TarInfo."""
+    0444, owner 0, mtime 0, empty user/group names), built from a template: the checksum is the template's
+    sum plus the bytes of the name and size, so a header costs two short sums instead of 512 bytes' worth."""
     encoded = name.encode("utf-8")
     if len(encoded) > 100:
         raise ValueError(f"member name {name!r} is longer than 100 bytes")
     if size >= 8**11:
         raise ValueError(f"member {name!r} is {size} bytes, more than a ustar header can hold")
-    header = bytearray(BLOCK)
+    size_field = b"%011o\0" % size
+    header = bytearray(_USTAR_TEMPLATE)
     header[0:len(encoded)] = encoded
-    header[100:108] = b"0000444\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b"        "  # the checksum counts its own field as spaces
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\0 " % sum(header)
+    header[124:136] = size_field
+    header[148:156] = b"%06o\0 " % (_USTAR_TEMPLATE_SUM + sum(encoded) + sum(size_field))
     return bytes(header)
 
 
@@ -176,12 +188,14 @@ class TarShardWriter:
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} must not contain a dot")
+        parts = []  # one write per sample: the file below may hash and count every call
         for ext in sorted(fields):
             data = fields[ext]
-            self._put(ustar_header(f"{key}.{ext}", len(data)))
-            self._put(data)
+            parts.append(ustar_header(f"{key}.{ext}", len(data)))
+            parts.append(data)
             if len(data) % BLOCK:
-                self._put(bytes(BLOCK - len(data) % BLOCK))
+                parts.append(_ZERO_BLOCK[:BLOCK - len(data) % BLOCK])
+        self._put(b"".join(parts))
         self.count += 1
 
     def close(self) -> None:
