@@ -308,15 +308,28 @@ def workers_from_environment() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the model learnt from: {"train", "manifest_sha256"} of its training images. A prior trains on code
+    shards: then the images behind them, with "codes" (the code shards) and "vqvae" (the VQ-VAE's own
+    training set), so that memorisation and the K-shot check look at every image the model saw."""
+    data = cfg.get("data", {})
+    entry = {"train": data.get("train"), "manifest_sha256": data.get("manifest_sha256")}
+    if data.get("images"):
+        entry = {**data["images"], "codes": entry}
+    vqvae_data = (cfg.get("vqvae") or {}).get("data")
+    if vqvae_data:
+        entry["vqvae"] = {"train": vqvae_data.get("train"), "manifest_sha256": vqvae_data.get("manifest_sha256")}
+    return entry
+
+
 def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
-    data = cfg.get("data", {})
     return {"kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
-            "training_data": {"train": data.get("train"), "manifest_sha256": data.get("manifest_sha256")},
+            "training_data": training_data(cfg),
             "seed": job.seed, "num": job.num, "per_class": {str(c): n for c, n in enumerate(job.counts)},
             "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": kept,
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}

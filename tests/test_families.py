@@ -291,6 +291,37 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
             sampler.sample(labels[:2], torch.Generator().manual_seed(0), bad)
 
 
+def test_prior_synthetic_set_names_the_images_it_learnt_from_for_memorisation_and_the_k_shot_check(
+        toy, vqvae_run, tmp_path):
+    """A prior trains on code shards, but its samples owe everything to images: the export and the generated
+    set's provenance name the image set behind the codes (and the VQ-VAE's own training set), so the
+    evaluation compares with those images and the K-shot check sees both stages."""
+    from gensynth.data.manifest import manifest_sha256
+    from gensynth.evaluate.sets import load_image_set
+    from gensynth.evaluate.usefulness import check_generator_saw_only
+    from gensynth.generate import generate
+
+    codes = tmp_path / "codes"
+    config = tiny_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]),
+                         prior__images=toy["train"], train__steps=10, train__eval_every=0)
+    train_ok(config)
+    data = load_export(run_dir(config))[1]["data"]
+    train_sha = manifest_sha256(toy["train"])
+    assert data["manifest_sha256"] == manifest_sha256(str(codes)) != train_sha
+    assert data["images"] == {"train": toy["train"], "manifest_sha256": train_sha}
+    out = tmp_path / "synth"
+    generate(str(run_dir(config)), str(out), num=20, shard_size=10)
+    synthetic = load_image_set(str(out))
+    seen = synthetic.provenance["training_data"]
+    assert (seen["train"], seen["manifest_sha256"]) == (toy["train"], train_sha)
+    assert seen["codes"]["manifest_sha256"] == data["manifest_sha256"]
+    assert seen["vqvae"]["manifest_sha256"] == load_export(vqvae_run["run"])[1]["data"]["manifest_sha256"]
+    check_generator_saw_only(synthetic, load_image_set(toy["train"]))  # both stages saw exactly this set
+    seen["vqvae"]["manifest_sha256"] = "0" * 64  # as if the VQ-VAE had trained on more images
+    with pytest.raises(UsageError, match="the VQ-VAE behind"):
+        check_generator_saw_only(synthetic, load_image_set(toy["train"]))
+
+
 def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run, tmp_path):
     codes = tmp_path / "codes"
     write_shard_set(codes, [10])  # something else already lives where the codes would go

@@ -85,6 +85,12 @@ def check_generator_saw_only(synthetic: ImageSet, k_set: ImageSet) -> None:
         raise UsageError(f"{synthetic.url}: its manifest has no provenance.training_data.manifest_sha256, so nothing "
                          "shows its generator saw only the K real samples per class; augmentation gain needs a "
                          "synthetic set written by `gensynth generate` from a model trained on that K set")
+    vqvae = training.get("vqvae") or {}  # a prior's first stage
+    if vqvae.get("manifest_sha256") and vqvae["manifest_sha256"] != k_set.manifest_sha256:
+        raise UsageError(f"augmentation gain refused: the VQ-VAE behind {synthetic.url} was trained on "
+                         f"{vqvae.get('train', '?')} (manifest sha256 {vqvae['manifest_sha256'][:12]}...), not on the "
+                         f"K-per-class set {k_set.url}, so it may have seen more labels; train the VQ-VAE and the "
+                         "prior on the K set and generate again")
     if saw != k_set.manifest_sha256:
         raise UsageError(f"augmentation gain refused: the generator of {synthetic.url} was trained on "
                          f"{training.get('train', '?')} (manifest sha256 {saw[:12]}...), not on the K-per-class set "

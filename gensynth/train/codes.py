@@ -35,14 +35,15 @@ CODES = "codes"  # the array's name: field codes.npy, batch["codes"]
 
 
 def export_identity(export: str) -> dict[str, Any]:
-    """What identifies a VQ-VAE export: its weights' and config's sha256, run and step."""
+    """What identifies a VQ-VAE export: its weights' and config's sha256, run and step (and the data it
+    trained on, which a prior's export carries on: a prior's samples owe something to both)."""
     folder = export_folder(export)
     config = read_export_config(folder)
     if config.get("family") != "vqvae":
         raise UsageError(f"{export}: an export of family {config.get('family')!r}; a prior needs a VQ-VAE run "
                          "(model.family=vqvae) or its export/")
     return {"export": str(folder), "run": config.get("run"), "step": config.get("step"),
-            "weights_sha256": config["weights_sha256"],
+            "weights_sha256": config["weights_sha256"], "data": config.get("data"),
             "config_sha256": hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()}
 
 

@@ -25,6 +25,7 @@ class DataInfo:
     manifest_sha256: str | None
     inputs: str = "image"  # the batch field a step trains on: "image", or an array such as a VQ-VAE's "codes"
     images: str | None = None  # the image shard set behind the data (for a code set: the one it encodes)
+    images_manifest_sha256: str | None = None  # ...and its manifest's sha256
 
 
 @dataclass

@@ -72,15 +72,17 @@ def data_info(loader: ShardLoader, source: str) -> DataInfo:
     labels = sorted(int(k) for k in manifest.class_histogram)
     num_classes = max(len(manifest.classes or []), (labels[-1] + 1) if labels else 1)
     classes = manifest.classes or [str(i) for i in range(num_classes)]
+    sha256 = manifest_sha256(source)
     if "image" in schema:
-        inputs, images = "image", source
+        inputs, images, images_sha256 = "image", source, sha256
     else:
         if len(arrays) != 1:
             raise UsageError(f"{source}: a shard set without images must hold exactly one array to train on, "
                              f"it holds {', '.join(arrays) or 'none'}")
-        inputs, images = next(iter(arrays)), (manifest.provenance.get("images") or {}).get("train")
-    return DataInfo(image["height"], image["width"], image["channels"], num_classes, classes,
-                    manifest_sha256(source), inputs, images)
+        behind = manifest.provenance.get("images") or {}
+        inputs, images, images_sha256 = next(iter(arrays)), behind.get("train"), behind.get("manifest_sha256")
+    return DataInfo(image["height"], image["width"], image["channels"], num_classes, classes, sha256, inputs,
+                    images, images_sha256)
 
 
 def endless(loader: ShardLoader):
@@ -348,6 +350,14 @@ class Run:
         values["health/corrupt_samples"] = self.loader.corrupt
         tracker.scalars(step, values)
 
+    def export_data(self) -> dict[str, Any]:
+        """The training data an export records; for data that is not images (a prior's code shards), also the
+        image set behind it, which is what the model's samples are compared with and what it saw."""
+        data: dict[str, Any] = {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256}
+        if self.data.inputs != "image":
+            data["images"] = {"train": self.data.images, "manifest_sha256": self.data.images_manifest_sha256}
+        return data
+
     def write_export(self, folder: Path | None = None) -> None:
         if not self.acc.is_main_process:
             return
@@ -357,7 +367,7 @@ class Run:
                        "classes": self.data.classes, "num_classes": self.data.num_classes,
                        "image": {"height": self.data.height, "width": self.data.width,
                                  "channels": self.data.channels},
-                       "data": {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256},
+                       "data": self.export_data(),
                        "trained_with": f"gensynth {__version__}"})
         save_export(folder, tensors, config)
         log.info("export written: %s", folder)
