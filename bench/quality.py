@@ -4,7 +4,8 @@
     python bench/quality.py --budget 3 --ks 10 --num 2000                 # a short run
 
 For every model family with a config here (configs/<family>_fashion.yaml; the few-shot runs use
-configs/<family>_fashion_fewshot.yaml when it exists), at a fixed CPU budget per generator:
+configs/<family>_fashion_fewshot.yaml when it exists; "prior" is the VQ-VAE for half the budget, then
+its prior for the other half), at a fixed CPU budget per generator:
 1. train it on all of Fashion-MNIST train, generate --num samples, and evaluate them (gensynth eval:
    FID / KID / precision / recall in the cached extractor's features with their real-vs-real floors,
    class consistency, near-copies, CAS next to as many real samples);
@@ -61,9 +62,45 @@ def families(configs: Path) -> list[tuple[str, Path, Path]]:
         family = (cfg.get("model") or {}).get("family")
         if not family:
             continue
+        if family == "vqvae":
+            continue  # reconstructs only: it is the first stage of the "prior" family below
         fewshot = path.with_name(path.stem + "_fewshot.yaml")
         found.append((family, path, fewshot if fewshot.is_file() else path))
     return found
+
+
+def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_s: float, common: list[str],
+                    logs: Path, configs: Path) -> dict:
+    """One generator on its budget. The prior family is two stages on the same data: the VQ-VAE for half the
+    budget, then the prior over its codes (extracted into a code shard set) for the other half."""
+    if family != "prior":
+        return train_on_budget(config, [f"data.train={data}", *common], run_dir, budget_s,
+                               logs / f"{run_dir.name}.log")
+    vq_dir = run_dir.with_name(run_dir.name + "_vqvae")
+    vq = train_on_budget(configs / "vqvae_fashion.yaml", [f"data.train={data}", "data.test=", *common], vq_dir,
+                         budget_s / 2, logs / f"{vq_dir.name}.log")
+    # the code shards are extracted first, outside the training process (a budget's SIGTERM must reach the
+    # loop, not the extraction), and their CPU time is taken out of the prior's half (at least 30 CPU-s are left:
+    # a process stopped before its loop starts would leave no checkpoint)
+    codes = run_dir.parent.parent / "data" / f"codes-{run_dir.name}"
+    start = time.monotonic()
+    with open(logs / f"{run_dir.name}.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from gensynth.train.codes import ensure_codes; "
+                                 "ensure_codes(sys.argv[1], sys.argv[2], sys.argv[3])", str(vq_dir / "export"), data,
+                                 str(codes)], env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=out,
+                                stderr=subprocess.STDOUT)
+        watch, extract_s = psutil.Process(proc.pid), 0.0
+        while proc.poll() is None:
+            extract_s = max(extract_s, cpu_seconds(watch))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"extracting the codes for {run_dir.name} failed; see {logs / run_dir.name}.log")
+    prior = train_on_budget(config, [f"data.train={codes}", f"prior.vqvae={vq_dir}", f"prior.images={data}",
+                                     *common], run_dir, max(budget_s / 2 - extract_s, 30.0),
+                            logs / f"{run_dir.name}-prior.log")
+    return {"budget_s": budget_s, "steps": f"{vq['steps']}+{prior['steps']}",
+            "cpu_s": vq["cpu_s"] + extract_s + prior["cpu_s"],
+            "wall_s": round(vq["wall_s"] + time.monotonic() - start, 1)}
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -214,9 +251,8 @@ def main() -> int:
     # 1. every generator on its CPU budget; concurrently (--parallel): CPU time, not wall time, is the budget
     print(f"== training {len(jobs)} generators, {args.budget:g} CPU-min each, {args.parallel} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        trainings = list(pool.map(lambda j: train_on_budget(j[2], [f"data.train={j[3]}", *common],
-                                                            work / "runs" / j[4], budget_s,
-                                                            work / "logs" / f"{j[4]}.log"), jobs))
+        trainings = list(pool.map(lambda j: train_generator(j[0], j[2], j[3], work / "runs" / j[4], budget_s,
+                                                            common, work / "logs", REPO / "configs"), jobs))
     # 2. generate and evaluate each (CAS on the full-data model; augmentation gain on the K-shot ones)
     rows, details = [], []
     for (family, label, _, data, name), training in zip(jobs, trainings):
