@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +22,11 @@ from gensynth.data.codec import decode_png
 from gensynth.errors import UsageError
 from gensynth.export import load_export
 from gensynth.sampling import PriorSampler, VAESampler, VQVAESampler, load_sampler
-from gensynth.train.checkpoint import complete_checkpoints, latest_checkpoint
+from gensynth.train.checkpoint import latest_checkpoint
 from gensynth.train.tracking import image_grid
 from gensynth.train.vqvae import grid_images, reconstruction_grid
 from tests.conftest import free_port, write_shard_set
-from tests.test_train import TIMEOUT_S, env, gensynth, launch_cmd, rank_state, run_dir, run_launches
+from tests.test_train import gensynth, kill9_after_checkpoint, launch_cmd, rank_state, run_dir, run_launches
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +90,7 @@ def vqvae_run(toy, tmp_path_factory) -> dict:
 
 def kill_after_a_checkpoint_then_resume(config: Path, steps: int) -> tuple[Path, subprocess.CompletedProcess]:
     """Start training, kill -9 once a random checkpoint (after the first) exists, resume to the end."""
-    target = random.Random().randrange(40, steps - 60, 20)
-    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(config)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run_dir(config) / "checkpoints"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    last = latest_checkpoint(ckpts)
+    last = kill9_after_checkpoint(config, random.Random().randrange(40, steps - 60, 20))
     assert int(last.name.split("-")[1]) < steps and not (run_dir(config) / "export").exists()
     resumed = train_ok(config)
     assert f"resumed from {last}" in resumed.stderr

@@ -75,6 +75,22 @@ def rank_state(checkpoint: Path, rank: int = 0) -> dict:
     return json.loads((checkpoint / f"rank{rank}.json").read_text())
 
 
+def kill9_after_checkpoint(config: Path, target: int) -> Path:
+    """Train `config` in a subprocess, kill -9 it once a complete checkpoint at or past step `target` exists;
+    return the latest complete checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(config)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir(config) / "checkpoints"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return latest_checkpoint(ckpts)
+
+
 def test_kill9_then_resume_equals_an_uninterrupted_run(toy_data, tmp_path):
     steps = 300
     reference = tiny_config(tmp_path / "a", toy_data, train__steps=steps, train__checkpoint_every=20)
@@ -83,17 +99,7 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(toy_data, tmp_path):
 
     killed = tiny_config(tmp_path / "b", toy_data, train__steps=steps, train__checkpoint_every=20)
     target = random.Random().randrange(40, 200, 20)  # a random checkpointed step to kill after
-    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(killed)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run_dir(killed) / "checkpoints"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    last = latest_checkpoint(ckpts)
+    last = kill9_after_checkpoint(killed, target)
     killed_at = int(last.name.split("-")[1])
     assert killed_at < steps and not (run_dir(killed) / "export").exists()
 

@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from gensynth.train.tracking import image_grid
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -51,6 +53,22 @@ class Family(Protocol):
     def sample_grid(self) -> np.ndarray: ...
     def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor: ...
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+
+class SeededSampling:
+    """`generate` and `sample_grid` for a family whose `sample(labels, generator)` returns uint8 images:
+    every call draws from one generator seeded for it; the grid's seed is run.seed, so a sampler loaded from
+    the export reproduces the run's last grid. Needs `cfg`, `data` and `grid_labels` (one row per class)."""
+
+    chunk = 256  # labels per forward pass: bounded memory for any eval.num_samples
+
+    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.cat([self.sample(labels[i:i + self.chunk], generator) for i in range(0, len(labels), self.chunk)])
+
+    def sample_grid(self) -> np.ndarray:
+        images = self.sample(self.grid_labels, torch.Generator().manual_seed(self.cfg.run.seed))
+        return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)
 
 
 def clip_and_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,

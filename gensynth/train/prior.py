@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -29,8 +28,7 @@ from gensynth.models.prior import CodePrior
 from gensynth.models.vqvae import VQVAE
 from gensynth.sampling import prior_images
 from gensynth.train.codes import codes_match, ensure_codes, export_identity
-from gensynth.train.family import DataInfo, StepResult, clip_and_step
-from gensynth.train.tracking import image_grid
+from gensynth.train.family import DataInfo, SeededSampling, StepResult, clip_and_step
 
 log = logging.getLogger("gensynth")
 
@@ -65,7 +63,7 @@ def load_code_decoder(export: str) -> tuple[VQVAE, dict[str, Any], dict[str, tor
     return decoder.eval().requires_grad_(False), arch, decoder_tensors
 
 
-class PriorTrainer:
+class PriorTrainer(SeededSampling):
     family = "prior"
 
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
@@ -120,15 +118,6 @@ class PriorTrainer:
     def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 images at the sampler's default options (temperature 1, all codes)."""
         return prior_images(self.raw, self.decoder, labels, generator, 1.0, 0, self.data.height, self.data.width)
-
-    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.cat([self.sample(labels[i:i + 256], generator) for i in range(0, len(labels), 256)])
-
-    def sample_grid(self) -> np.ndarray:
-        """One row per class, drawn from a generator seeded with run.seed (what the export reproduces)."""
-        images = self.sample(self.grid_labels, torch.Generator().manual_seed(self.cfg.run.seed))
-        return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Prior weights under prior.*, the VQ-VAE's codebook and decoder under vqvae.*: self-contained."""

@@ -23,7 +23,6 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -32,8 +31,7 @@ from gensynth.errors import UsageError
 from gensynth.imaging import pad_amounts
 from gensynth.models.vae import VAE, gaussian_nll, kl_to_standard_normal, optimal_log_sigma
 from gensynth.sampling import vae_images
-from gensynth.train.family import DataInfo, StepResult, clip_and_step
-from gensynth.train.tracking import image_grid
+from gensynth.train.family import DataInfo, SeededSampling, StepResult, clip_and_step
 
 SIGMA_DECAY = 0.99  # running average of the optimal sigma, about the last 100 steps
 
@@ -45,7 +43,7 @@ def kl_weight(cfg: Config, step: int) -> float:
     return v.beta * min(1.0, (step + 1) / v.kl_warmup_steps)
 
 
-class VAETrainer:
+class VAETrainer(SeededSampling):
     family = "vae"
 
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
@@ -147,15 +145,6 @@ class VAETrainer:
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return vae_images(self.raw, labels, generator, 1.0, self.data.height, self.data.width)
-
-    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.cat([self.sample(labels[i:i + 256], generator) for i in range(0, len(labels), 256)])
-
-    def sample_grid(self) -> np.ndarray:
-        """One row per class, z from a generator seeded with run.seed (what the export reproduces)."""
-        images = self.sample(self.grid_labels, torch.Generator().manual_seed(self.cfg.run.seed))
-        return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return dict(self.raw.state_dict()), {
