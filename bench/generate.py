@@ -13,9 +13,7 @@ configs/gan_fashion.yaml with its initial weights (speed does not depend on trai
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine, report  # noqa: E402
 from gensynth.config import load_config  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
 from gensynth.generate import build_job, draw_shard, generate, interleaved_labels  # noqa: E402
@@ -88,17 +87,11 @@ def main() -> None:
     result = {"sampling": max(sampling), "job": max(job), "ratio": max(job) / max(sampling),
               "protocol": {"export": args.run or f"untrained generator of {os.path.relpath(args.config, REPO)}",
                            "num": args.num, "shard_size": args.shard_size, "encoding": "png", "device": args.device,
-                           "repeats": args.repeats, "statistic": "best of repeats", "cpus": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version(), "all_sampling": sampling, "all_job": job}}
-    print(f"protocol: {result['protocol']}")
-    print(f"{'':34s}{'samples/s':>12s}")
-    print(f"{'(a) pure sampling, in memory':34s}{result['sampling']:12,.0f}")
-    print(f"{'(b) generation job, local shards':34s}{result['job']:12,.0f}")
-    print(f"ratio job / sampling {result['ratio']:.2f} (goal >= 0.9)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+                           "repeats": args.repeats, "statistic": "best of repeats", **machine(),
+                           "all_sampling": sampling, "all_job": job}}
+    report(result, "samples/s", [("(a) pure sampling, in memory", f"{result['sampling']:,.0f}"),
+                                 ("(b) generation job, local shards", f"{result['job']:,.0f}")],
+           f"ratio job / sampling {result['ratio']:.2f} (goal >= 0.9)", args.json)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ waiting for the loader.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine, report  # noqa: E402
 from gensynth.config import load_config  # noqa: E402
 from gensynth.demo import ensure_fashion_shards  # noqa: E402
 from gensynth.models.dcgan import Discriminator, Generator  # noqa: E402
@@ -115,17 +114,12 @@ def main() -> None:
               "overhead": 1 - max(ours) / max(plain), "data_wait_fraction": wait[best],
               "protocol": {"config": os.path.relpath(args.config, REPO), "batch_size": cfg.train.batch_size,
                            "num_workers": cfg.data.num_workers, "timed_steps": args.steps, "warmup": args.warmup,
-                           "repeats": args.repeats, "statistic": "best of repeats", "cpus": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version(), "all_gensynth": ours, "all_plain": plain}}
-    print(f"protocol: {result['protocol']}")
-    print(f"{'':28s}{'steps/s':>10s}")
-    print(f"{'plain PyTorch loop':28s}{result['plain_steps_per_s']:10.3f}")
-    print(f"{'gensynth trainer':28s}{result['gensynth_steps_per_s']:10.3f}")
-    print(f"overhead {result['overhead']:+.1%}   data-wait fraction {result['data_wait_fraction']:.1%}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+                           "repeats": args.repeats, "statistic": "best of repeats", **machine(),
+                           "all_gensynth": ours, "all_plain": plain}}
+    report(result, "steps/s", [("plain PyTorch loop", f"{result['plain_steps_per_s']:.3f}"),
+                               ("gensynth trainer", f"{result['gensynth_steps_per_s']:.3f}")],
+           f"overhead {result['overhead']:+.1%} (goal <= 3%)   data-wait fraction {result['data_wait_fraction']:.1%} "
+           "(goal < 5%)", args.json)
 
 
 if __name__ == "__main__":
