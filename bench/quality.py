@@ -84,17 +84,20 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
     # a process stopped before its loop starts would leave no checkpoint)
     codes = run_dir.parent.parent / "data" / f"codes-{run_dir.name}"
     start = time.monotonic()
-    with open(logs / f"{run_dir.name}.log", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", "import sys; from gensynth.train.codes import ensure_codes; "
-                                 "ensure_codes(sys.argv[1], sys.argv[2], sys.argv[3])", str(vq_dir / "export"), data,
-                                 str(codes)], env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=out,
-                                stderr=subprocess.STDOUT)
-        watch, extract_s = psutil.Process(proc.pid), 0.0
-        while proc.poll() is None:
-            extract_s = max(extract_s, cpu_seconds(watch))
-            time.sleep(0.5)
-    if proc.returncode != 0:
-        raise RuntimeError(f"extracting the codes for {run_dir.name} failed; see {logs / run_dir.name}.log")
+    extracted = codes.with_name(codes.name + ".json")  # {VQ-VAE weights sha256, extraction CPU s}: reruns reuse
+    weights = json.loads((vq_dir / "export" / "config.json").read_text())["weights_sha256"]
+    before = json.loads(extracted.read_text()) if extracted.is_file() else {}
+    if before.get("weights_sha256") == weights and codes.is_dir():
+        extract_s = before["cpu_s"]  # the codes of this VQ-VAE are there: charge what extracting them cost
+    else:
+        shutil.rmtree(codes, ignore_errors=True)  # codes of an earlier VQ-VAE run would be refused
+        code, extract_s = run_watched([sys.executable, "-c", "import sys; from gensynth.train.codes import "
+                                       "ensure_codes; ensure_codes(*sys.argv[1:])", str(vq_dir / "export"), data,
+                                       str(codes)], logs / f"{run_dir.name}.log")
+        if code != 0:
+            raise RuntimeError(f"extracting the codes for {run_dir.name} failed; see {logs / run_dir.name}.log")
+        extract_s = round(extract_s, 1)
+        extracted.write_text(json.dumps({"weights_sha256": weights, "cpu_s": extract_s}))
     prior = train_on_budget(config, [f"data.train={codes}", f"prior.vqvae={vq_dir}", f"prior.images={data}",
                                      *common], run_dir, max(budget_s / 2 - extract_s, 30.0),
                             logs / f"{run_dir.name}-prior.log")
@@ -115,6 +118,22 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
+def run_watched(cmd: list[str], log: Path, budget_s: float | None = None, mode: str = "w") -> tuple[int, float]:
+    """Run `cmd` (output to `log`), polling its CPU time with its children's; with `budget_s`, SIGTERM it once it
+    has used that much. Returns (exit code, CPU seconds seen)."""
+    with open(log, mode) as out:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=out,
+                                stderr=subprocess.STDOUT)
+        watch, used = psutil.Process(proc.pid), 0.0
+        while proc.poll() is None:
+            used = max(used, cpu_seconds(watch))
+            if budget_s is not None and used >= budget_s:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.5)
+        return proc.wait(), used
+
+
 def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s: float, log: Path) -> dict:
     """Train until the process has used `budget_s` CPU seconds, then stop it (SIGTERM -> checkpoint, exit 75)
     and write the export from that checkpoint. Returns steps, CPU and wall seconds."""
@@ -124,26 +143,13 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
     shutil.rmtree(run_dir, ignore_errors=True)
     base = [sys.executable, "-m", "gensynth", "train", str(config), *overrides,
             f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([*base, "train.steps=100000000"], env=env, stdout=out, stderr=subprocess.STDOUT)
-        watch = psutil.Process(proc.pid)
-        used = 0.0
-        while proc.poll() is None:
-            used = max(used, cpu_seconds(watch))
-            if used >= budget_s:
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.5)
-        code = proc.wait()
+    code, used = run_watched([*base, "train.steps=100000000"], log, budget_s)
     if code != REQUEUE:
         raise RuntimeError(f"training {run_dir.name} ended with exit code {code} before its budget; see {log}")
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     steps = json.loads((checkpoint / "trainer.json").read_text())["step"]
-    with open(log, "a") as out:
-        export = subprocess.run([*base, f"train.steps={steps}"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    if export.returncode != 0:
+    if run_watched([*base, f"train.steps={steps}"], log, mode="a")[0] != 0:
         raise RuntimeError(f"writing the export of {run_dir.name} failed; see {log}")
     result = {"budget_s": budget_s, "steps": steps, "cpu_s": round(used, 1),
               "wall_s": round(time.monotonic() - start, 1)}
