@@ -321,7 +321,7 @@ def test_preempted_job_checkpoints_on_every_rank_requeues_and_finishes_intact(jo
     # into training)
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors", "model_1.safetensors"):
+    for name in ("model_0.safetensors", "model_1.safetensors"):
         ours, theirs = (load_file(run / "checkpoints" / f"step-{STEPS:08d}" / name)
                         for run in (sub.run_dir, jobs.subs["reference"].run_dir))
         weights = [k for k in ours if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

@@ -22,7 +22,7 @@ import yaml
 
 from gensynth.export import ExportError, load_export
 from gensynth.models.dcgan import Generator
-from gensynth.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from gensynth.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint, read_part
 from gensynth.train.signals import REQUEUE_EXIT_CODE
 from tests.conftest import free_port, write_shard_set
 
@@ -191,8 +191,7 @@ def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, 
     assert export_cfg["classes"] == [f"c{i}" for i in range(10)] and export_cfg["data"]["manifest_sha256"]
     fresh = Generator(**export_cfg["architecture"])
     fresh.load_state_dict(tensors)
-    ema_state = torch.load(latest_checkpoint(run_dir(config) / "checkpoints") / "custom_checkpoint_0.pkl",
-                           weights_only=True)["model"]
+    ema_state = read_part(latest_checkpoint(run_dir(config) / "checkpoints"), "custom_0")["model"]
     ema = Generator(**export_cfg["architecture"])
     ema.load_state_dict(ema_state)
     z, y = torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 10

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from gensynth import __version__, storage
-from gensynth.config import Config, dump_yaml
+from gensynth.config import Config, dump_yaml, to_dict
 from gensynth.data.manifest import manifest_sha256
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import GensynthError, UsageError
@@ -36,6 +36,7 @@ from gensynth.export import save_export
 from gensynth.imaging import to_network
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gensynth.train.family import DataInfo, Family, build_family, params_digest, prepare_data, sync_buffers
+from gensynth.train.ranks import all_agree
 from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.tracking import Tracker
 
@@ -89,14 +90,6 @@ def endless(loader: ShardLoader):
     """Batches forever: resampled mode never ends; exact mode starts the next epoch."""
     while True:
         yield from loader
-
-
-def all_agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR across ranks (one tiny all-reduce)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 def pick_checkpoint(resume: str, folder: Path) -> Path | None:
@@ -163,10 +156,10 @@ class Run:
                       "params_digest": params_digest(self.family.modules()),
                       "params_digest_before_sync": local_digest}
         return save_checkpoint(self.acc, self.ckpt_dir, self.state["step"], self.state, rank_state,
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, to_dict(self.cfg))
 
     def restore(self, path: Path, with_data: bool = True) -> None:
-        trainer_state, rank_state = load_checkpoint(self.acc, path)
+        trainer_state, rank_state = load_checkpoint(self.acc, path, to_dict(self.cfg))
         self.state.update(trainer_state)
         self.family.after_restore()
         if with_data:

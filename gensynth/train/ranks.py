@@ -1,0 +1,14 @@
+"""Agreement across ranks: one tiny all-reduce, so every rank takes the same branch (a stop, a roll-back,
+a failed checkpoint write) and none is left waiting at a collective the others skipped."""
+
+from __future__ import annotations
+
+import torch
+
+
+def all_agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR across ranks (one tiny all-reduce; a no-op in a single process)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
