@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,17 +23,23 @@ from gensynth.errors import ConfigError, UsageError
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           choices: tuple | None = None) -> Any:
-    """A config field with its reason (`help`) and the values it allows."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+           choices: tuple | None = None, each_of: tuple | None = None) -> Any:
+    """A config field with its reason (`help`) and the values it allows (`each_of`: a comma-separated
+    string whose every part is one of these)."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "each_of": each_of}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # gensynth/train/augment.py implements each
+INT64_MAX = 2**63 - 1  # torch indexes and counts in int64: a larger integer is never a usable value
+
+
 @dataclass
 class RunConfig:
-    name: str = option("default", "run directory is <root>/<name>/")
+    name: str = option("default", "run directory is <root>/<name>/: a plain folder name (no / or ..), so a run "
+                       "never writes outside run.root")
     root: str = option("runs", "folder that holds the run directories")
     seed: int = option(0, "seed of everything: init, data order, noise", min=0)
 
@@ -82,7 +89,7 @@ class GANConfig:
     ema_rampup: float = option(0.05, "EMA half-life at most this share of images seen so far (StyleGAN2-ADA); "
                                "0 = no ramp-up", min=0.0)
     diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
-                              "(Zhao et al. 2020); empty = off")
+                              "(Zhao et al. 2020); empty = off", each_of=DIFFAUGMENT_POLICIES)
     lr_g: float = option(1e-4, "generator learning rate; TTUR: D learns faster than G (Heusel et al. 2017; "
                          "1e-4 / 4e-4 as in SAGAN, Zhang et al. 2019)", min=0.0)
     lr_d: float = option(4e-4, "discriminator learning rate", min=0.0)
@@ -181,8 +188,10 @@ class VAEConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = option(1500, "optimizer steps in the whole run (a resumed run continues to this count)", min=0)
-    batch_size: int = option(128, "samples per step on each process (x processes x grad_accum = global)", min=1)
+    steps: int = option(1500, "optimizer steps in the whole run (a resumed run continues to this count); at least "
+                        "1, so an export is never an untrained model", min=1)
+    batch_size: int = option(128, "samples per step on each process (x processes x grad_accum = global); at most "
+                             "65536, far above what fits in memory at any resolution here", min=1, max=65536)
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", min=1)
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 and bf16 need CUDA; fp16 uses a grad scaler)",
                                   choices=("no", "bf16", "fp16"))
@@ -274,15 +283,40 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise UsageError(f"config file not found: {path} (give the path of a YAML file, e.g. configs/*.yaml)")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    return build(schema, raw, where=str(path) if path else "config")
+    config = build(schema, raw, where=str(path) if path else "config")
+    if isinstance(config, Config):
+        check_consistency(config, str(path) if path else "config")
+    return config
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (with a caret drawing) as one line: what, and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: give each key once (otherwise the last one would silently "
+                    "win)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -339,6 +373,9 @@ def check_value(key: str, value: Any, kind: Any, meta: typing.Mapping[str, Any],
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         fail("one of " + ", ".join(repr(c) for c in choices))
+    each_of = meta.get("each_of")
+    if each_of is not None and any(p.strip() not in each_of for p in value.split(",") if p.strip()):
+        fail("empty, or a comma-separated list of " + ", ".join(each_of))
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and value is not None and value < lo:
         fail(f"must be >= {lo}")
@@ -366,21 +403,45 @@ def coerce(value: Any, kind: Any, fail: typing.Callable[[str], typing.NoReturn])
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail("must be an integer")
+        if abs(value) > INT64_MAX:
+            fail("must fit in 64 bits")
         return value
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 fail("must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("must be a number")
+        if not math.isfinite(value):  # NaN passes every min/max comparison; Inf is never a usable rate
+            fail("must be a finite number")
         return float(value)
     if kind is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             fail("must be a string")
         return str(value)
     fail(f"must be of type {kind}")
+
+
+def check_consistency(cfg: Config, where: str) -> None:
+    """Rules that join several options (or one option and the family), checked before anything runs."""
+    def fail(text: str) -> typing.NoReturn:
+        raise ConfigError(f"{where}: {text}")
+
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        fail(f"run.name={name!r} is not allowed: a plain folder name inside run.root (no '/', '..' or absolute "
+             "path), e.g. run.name=gan_fashion")
+    family, r = cfg.model.family, cfg.model.resolution
+    if family == "gan" and r & (r - 1):
+        fail(f"model.resolution={r} is not allowed for model.family=gan: a power of two (28x28 data -> 32)")
+    downsamples = {"vqvae": cfg.vqvae.downsamples, "vae": cfg.vae.downsamples}.get(family)
+    if downsamples is not None and r % 2**downsamples:
+        fail(f"model.resolution={r} is not allowed for model.family={family}: divisible by 2^{family}.downsamples "
+             f"= {2**downsamples} (28 works for 28x28 data with 2 downsamples)")
+    if family == "prior" and cfg.prior.width % cfg.prior.heads:
+        fail(f"prior.heads={cfg.prior.heads} is not allowed: it must divide prior.width={cfg.prior.width}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -78,11 +78,11 @@ def describe_shard(url: str, show: int = 3) -> list[str]:
 
 def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     """A run directory: its config in one line, checkpoints, export, sample grids, TensorBoard.
-    With verify, the export's weights are checked against the sha256 its config.json records."""
+    With verify, the newest checkpoint and the export are checked byte for byte against their recorded sha256."""
     from gensynth.cluster import read_record
     from gensynth.export import CONFIG as EXPORT_CONFIG  # torch and accelerate: imported only for runs
     from gensynth.export import WEIGHTS, ExportError, load_export, read_export_config
-    from gensynth.train.checkpoint import complete_checkpoints
+    from gensynth.train.checkpoint import CheckpointError, complete_checkpoints, verify_checkpoint
 
     try:
         cfg = yaml.safe_load((folder / RUN_CONFIG).read_text()) or {}
@@ -100,15 +100,27 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     if leftovers:
         text += f"; {len(leftovers)} incomplete, never resumed from ({', '.join(leftovers)})"
     lines.append(f"checkpoints {text}")
-    if checkpoints:
-        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text())
+    try:
+        state = json.loads((checkpoints[-1][1] / "trainer.json").read_text()) if checkpoints else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = "unreadable"
+    if not isinstance(state, dict) and checkpoints:
+        lines.append(f"history    {checkpoints[-1][1] / 'trainer.json'} is not a JSON object (see --verify)")
+    elif checkpoints:
         lines.append(f"history    step {state.get('step')} of {section['train'].get('steps', '?')}, "
                      f"{state.get('world_size', 1)} processes; "
                      f"{state.get('resumes', 0)} resumes, {state.get('stops', 0)} stops by signal, "
                      f"{state.get('rollbacks', 0)} roll-backs")
     ok = True
+    if verify and checkpoints:
+        try:
+            verify_checkpoint(checkpoints[-1][1])
+            lines.append(f"verify     ok: {checkpoints[-1][1].name}: every file matches its sha256, no pickle")
+        except CheckpointError as e:
+            ok = False
+            lines.append(f"verify     FAILED: {e}")
     if (folder / "export" / EXPORT_CONFIG).is_file():
-        config = read_export_config(folder)
+        config = read_export_config(folder, verify=False)  # described as found; --verify checks it
         weights = folder / "export" / WEIGHTS
         size = weights.stat().st_size if weights.is_file() else 0
         lines.append(f"export     step {config.get('step', '?')}, {size / 1e6:.1f} MB, weights sha256 "
@@ -116,7 +128,7 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
         if verify:
             try:
                 load_export(folder)
-                lines.append("verify     ok: the weights match their sha256")
+                lines.append("verify     ok: the weights and config match their sha256")
             except ExportError as e:
                 ok = False
                 lines.append(f"verify     FAILED: {e}")
