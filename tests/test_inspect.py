@@ -20,7 +20,8 @@ def test_inspect_a_run_directory_and_verify_its_export(tiny_gan, tmp_path, capsy
     assert "checkpoints 1 complete, steps 4; resumes from step-00000004; 1 incomplete, never resumed from " \
            "(step-00000009)" in text
     assert "export     step 4, " in text and "weights sha256 " in text
-    assert "verify     ok: the weights match their sha256" in text
+    assert "verify     ok: the weights and config match their sha256" in text
+    assert "verify     ok: step-00000004: every file matches its sha256, no pickle" in text
     assert f"samples    1 grids, newest {run / 'samples' / 'samples-step-00000004.png'}" in text
     assert f"tensorboard --logdir {run / 'tb'}" in text
 
