@@ -310,14 +310,17 @@ class ShardDataset(IterableDataset):
                         data = fields.get(ext)
                         if data is None:
                             raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
-                    fast = png_scanlines(data) if ext == "png" else npy_pixels(data) if ext == "npy" else None
-                    if fast is not None and shape is None:
-                        shape = self.image_shape = fast[1]
-                    if fast is not None and fast[1] == shape:
+                    # the schema's shape bounds the decode: a larger image is refused before it is inflated
+                    fast = png_scanlines(data, shape) if ext == "png" else npy_pixels(data) if ext == "npy" else None
+                    if fast is not None:
+                        if shape is None:
+                            shape = self.image_shape = fast[1]
+                        if fast[1] != shape:  # decode_image would give this very shape
+                            raise DecodeError(f"image is {fast[1]}, the set's schema says {shape}")
                         item = fast[0]
                         kind = ext
                     else:
-                        item = decode_image(data, ext)
+                        item = decode_image(data, ext, shape)
                         if shape is None:
                             shape = self.image_shape = item.shape
                         if item.shape != shape:
