@@ -28,6 +28,9 @@ ARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16",
 # The most pixels an image may have when no schema says its size: 4096x4096, 64 MiB at 4 channels (the
 # tar reader's MAX_SAMPLE_BYTES). Checked against the header before any pixel data is inflated.
 MAX_IMAGE_PIXELS = 1 << 24
+# The most classes a label may index when no class list says how many (an unlabelled set, shards read
+# without a manifest, a source without class names): more is a column of ids, not of classes.
+MAX_CLASSES = 1 << 16
 
 
 class DecodeError(ValueError):
@@ -232,6 +235,37 @@ def decode_image(data: bytes, ext: str, shape: tuple[int, ...] | None = None) ->
     if ext == "npy":
         return decode_npy(data)  # raw pixels: no bigger decoded than the bytes already read
     return decode_with_pillow(data, shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# labels (the `cls` field: a class index as decimal text)
+
+
+def _classes_text(num_classes: int | None, whose: str = "the set's") -> str:
+    if num_classes is None:
+        return f"a class index 0..{MAX_CLASSES - 1}"
+    return f"one of {whose} {num_classes} classes (0..{num_classes - 1})"
+
+
+def check_label(label: int, num_classes: int | None, whose: str = "the set's") -> int:
+    """A class index in 0..num_classes-1 (num_classes None: below MAX_CLASSES), else DecodeError."""
+    if not 0 <= label < (MAX_CLASSES if num_classes is None else num_classes):
+        raise DecodeError(f"label {label} is not {_classes_text(num_classes, whose)}")
+    return label
+
+
+def decode_label(data: bytes | None, num_classes: int | None) -> int:
+    """A sample's `cls` field -> its class index, checked as check_label does. A labelled set
+    (num_classes given) needs the field; elsewhere a sample without one has label -1."""
+    if data is None:
+        if num_classes is not None:
+            raise DecodeError(f"no cls field (a label), the set is labelled: expected {_classes_text(num_classes)}")
+        return -1
+    text = data.strip()
+    if not (text.isdigit() and len(text) <= 9):  # bytes.isdigit: ASCII digits only; 9 of them fit any class count
+        shown = text[:24].decode("ascii", "replace") + ("..." if len(text) > 24 else "")
+        raise DecodeError(f"label {shown!r} is not {_classes_text(num_classes)}")
+    return check_label(int(text), num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
