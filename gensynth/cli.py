@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, a YAML config, "
                    "or a run directory (runs/<name>)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for a YAML config")
-    p.add_argument("--verify", action="store_true", help="check every shard's sha256 and size against the manifest")
+    p.add_argument("--verify", action="store_true", help="read every shard and check it against the manifest: "
+                   "sha256, size, tar structure, sample count, labels")
 
     p = sub.add_parser("demo", help="the main job end to end on Fashion-MNIST (Debian's dataset-fashion-mnist)")
     p.add_argument("--data", default="data/fashion", help="where the shards go (default data/fashion)")

@@ -191,5 +191,8 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
             lines.append(f"verify     FAILED: {len(problems)} of {len(manifest.shards)} shards")
             lines.extend(f"  {p}" for p in problems)
         else:
-            lines.append(f"verify     ok: {len(manifest.shards)} shards match their sha256 and size")
+            n = manifest.num_classes
+            labels = f", each label one of the {n} classes" if n is not None else ""
+            lines.append(f"verify     ok: {len(manifest.shards)} shards match their sha256 and size; "
+                         f"{manifest.num_samples} samples as listed{labels}")
     return lines, ok

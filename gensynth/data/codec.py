@@ -25,6 +25,12 @@ _IHDR = struct.Struct(">IIBBBBB")
 _LENGTH = struct.Struct(">I")
 _IEND_HEAD = b"\0\0\0\0IEND"  # an IEND chunk's length (0) and tag
 ARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
+# The most pixels an image may have when no schema says its size: 4096x4096, 64 MiB at 4 channels (the
+# tar reader's MAX_SAMPLE_BYTES). Checked against the header before any pixel data is inflated.
+MAX_IMAGE_PIXELS = 1 << 24
+# The most classes a label may index when no class list says how many (an unlabelled set, shards read
+# without a manifest, a source without class names): more is a column of ids, not of classes.
+MAX_CLASSES = 1 << 16
 
 
 class DecodeError(ValueError):
@@ -69,16 +75,33 @@ def encode_image(image: np.ndarray, encoding: str) -> bytes:
     raise ValueError(f"unknown image encoding {encoding!r}: use png or npy")
 
 
-def png_scanlines(data: bytes) -> tuple[bytes, tuple[int, int, int]] | None:
+def check_image_size(height: int, width: int, shape: tuple[int, ...] | None, what: str = "image") -> None:
+    """Refuse an image (from its header, before decoding) that is not the schema's HxW (`shape`, e.g. the
+    manifest's (H, W, C)) or, without a schema, has more than MAX_IMAGE_PIXELS."""
+    if shape is not None:
+        if (height, width) != tuple(shape[:2]):
+            raise DecodeError(f"{what} header says {height}x{width} pixels (height x width), the set's schema "
+                              f"says {shape[0]}x{shape[1]}")
+    elif height * width > MAX_IMAGE_PIXELS:
+        raise DecodeError(f"{what} header says {height}x{width} pixels (height x width), more than the "
+                          f"{MAX_IMAGE_PIXELS} an image may have")
+
+
+def png_scanlines(data: bytes, shape: tuple[int, ...] | None = None) -> tuple[bytes, tuple[int, int, int]] | None:
     """(inflated scanlines, (H, W, C)) of an 8-bit, non-interlaced PNG whose rows all use filter 0
     (ours): each row is a 0 byte then the pixels. None when Pillow is needed (other filters, palettes,
-    16-bit, interlace). Raises DecodeError for bytes that are not a readable PNG."""
+    16-bit, interlace). Raises DecodeError for bytes that are not a readable PNG.
+
+    The header's size is checked first (see check_image_size), and the data is inflated to at most the
+    bytes that size implies: a small PNG that would inflate to gigabytes is refused unread."""
     if data[:8] != PNG_SIGNATURE:
         raise DecodeError("not a PNG (bad signature)")
     try:
         width, height, depth, color, _, _, interlace = _IHDR.unpack_from(data, 16)
     except struct.error:
         raise DecodeError("PNG header is truncated") from None
+    if data[12:16] == b"IHDR":
+        check_image_size(height, width, shape, "PNG")
     if data[12:16] != b"IHDR" or depth != 8 or interlace != 0 or color not in _CHANNELS:
         return None
     length = _LENGTH.unpack_from(data, 33)[0] if len(data) >= 41 else 0
@@ -86,24 +109,32 @@ def png_scanlines(data: bytes) -> tuple[bytes, tuple[int, int, int]] | None:
         compressed = data[41:41 + length]  # one IDAT then IEND: our writer's layout, no chunk walk
     else:
         compressed = b"".join(_idat_chunks(data))
-    try:
-        raw = zlib.decompress(compressed)
-    except zlib.error as e:
-        raise DecodeError(f"PNG data is corrupt: {e}") from None
     c = _CHANNELS[color]
     stride = 1 + width * c
-    if len(raw) != height * stride:
-        raise DecodeError(f"PNG data holds {len(raw)} bytes, expected {height * stride}")
+    expected = height * stride
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(compressed, expected + 1)  # one byte more than allowed tells "too much"
+    except zlib.error as e:
+        raise DecodeError(f"PNG data is corrupt: {e}") from None
+    if len(raw) > expected:
+        raise DecodeError(f"PNG data inflates to more than the {expected} bytes its {height}x{width} header "
+                          "implies (the rest is not inflated)")
+    if len(raw) != expected:
+        raise DecodeError(f"PNG data holds {len(raw)} bytes, expected {expected}")
+    if not inflate.eof:
+        raise DecodeError("PNG data is corrupt: incomplete or truncated zlib stream")
     if raw[::stride].count(0) != height:  # some row is filtered: let Pillow undo it
         return None
     return raw, (height, width, c)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 HxWxC: one zlib call and a reshape for ours, Pillow for any other PNG."""
-    fast = png_scanlines(data)
+def decode_png(data: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """PNG bytes -> uint8 HxWxC: one zlib call and a reshape for ours, Pillow for any other PNG.
+    `shape`: the size the set's schema allows (see check_image_size)."""
+    fast = png_scanlines(data, shape)
     if fast is None:
-        return decode_with_pillow(data)
+        return decode_with_pillow(data, shape)
     raw, (h, w, c) = fast
     return np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * c)[:, 1:].reshape(h, w, c)
 
@@ -122,15 +153,19 @@ def _idat_chunks(data: bytes) -> list[bytes]:
     return idat
 
 
-def decode_with_pillow(data: bytes) -> np.ndarray:
+def decode_with_pillow(data: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Any image Pillow reads -> uint8 HxWxC; its size is checked (check_image_size) before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            check_image_size(img.height, img.width, shape)
             if img.mode not in ("L", "RGB", "RGBA", "LA"):
                 img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except DecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DecodeError(f"cannot decode image: {e}") from None
     return as_hwc(array)
 
@@ -192,12 +227,45 @@ def _parse_npy_header(data: bytes) -> tuple[int, tuple[int, ...]] | None:
     return f.tell(), tuple(shape)
 
 
-def decode_image(data: bytes, ext: str) -> np.ndarray:
+def decode_image(data: bytes, ext: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """An image field -> uint8 HxWxC. `shape`: the set's (H, W, C), or None (then MAX_IMAGE_PIXELS):
+    encoded images larger than that are refused before they are decoded."""
     if ext == "png":
-        return decode_png(data)
+        return decode_png(data, shape)
     if ext == "npy":
-        return decode_npy(data)
-    return decode_with_pillow(data)
+        return decode_npy(data)  # raw pixels: no bigger decoded than the bytes already read
+    return decode_with_pillow(data, shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# labels (the `cls` field: a class index as decimal text)
+
+
+def _classes_text(num_classes: int | None, whose: str = "the set's") -> str:
+    if num_classes is None:
+        return f"a class index 0..{MAX_CLASSES - 1}"
+    return f"one of {whose} {num_classes} classes (0..{num_classes - 1})"
+
+
+def check_label(label: int, num_classes: int | None, whose: str = "the set's") -> int:
+    """A class index in 0..num_classes-1 (num_classes None: below MAX_CLASSES), else DecodeError."""
+    if not 0 <= label < (MAX_CLASSES if num_classes is None else num_classes):
+        raise DecodeError(f"label {label} is not {_classes_text(num_classes, whose)}")
+    return label
+
+
+def decode_label(data: bytes | None, num_classes: int | None) -> int:
+    """A sample's `cls` field -> its class index, checked as check_label does. A labelled set
+    (num_classes given) needs the field; elsewhere a sample without one has label -1."""
+    if data is None:
+        if num_classes is not None:
+            raise DecodeError(f"no cls field (a label), the set is labelled: expected {_classes_text(num_classes)}")
+        return -1
+    text = data.strip()
+    if not (text.isdigit() and len(text) <= 9):  # bytes.isdigit: ASCII digits only; 9 of them fit any class count
+        shown = text[:24].decode("ascii", "replace") + ("..." if len(text) > 24 else "")
+        raise DecodeError(f"label {shown!r} is not {_classes_text(num_classes)}")
+    return check_label(int(text), num_classes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import secrets
 import numpy as np
 
 from gensynth import __version__, storage
+from gensynth.data.codec import DecodeError, check_label
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, write_manifest
 from gensynth.data.sources import Source
 from gensynth.data.writer import ShardSetWriter
@@ -36,9 +37,23 @@ def shard_names(folder: str, split: str) -> list[str]:
     return [n for n in storage.listdir(folder) if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", n)]
 
 
+def source_label(source: Source, index: int, label: int | None) -> int | None:
+    """A record's label, refused (one line naming the source and record) unless it is one of the source's
+    declared classes (any index below MAX_CLASSES when it declares none)."""
+    if label is None:
+        return None
+    classes = source.classes
+    try:
+        return check_label(label, None if classes is None else len(classes), "the source's declared")
+    except DecodeError as e:
+        names = f": {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}" if classes else ""
+        raise InputDataError(f"{source.spec}: record {index}: {e}{names}") from None
+
+
 def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
     """Indices of K records of every label, chosen at random (seeded), in source order."""
-    labels = np.array([-1 if (lab := source.label(i)) is None else lab for i in range(len(source))])
+    labels = np.array([-1 if (lab := source_label(source, i, source.label(i))) is None else lab
+                       for i in range(len(source))])
     if (labels < 0).any():
         raise UsageError(f"{source.spec}: --per-class needs a label on every record, "
                          f"{int((labels < 0).sum())} have none")
@@ -83,6 +98,7 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
         with ShardSetWriter(staging, split, shard_size, encoding) as writer:
             for i in progress(order, total=n, desc=f"shard {split}", unit="samples"):
                 record = source.record(int(i))
+                source_label(source, record.index, record.label)
                 try:
                     writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
                 except ValueError as e:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gensynth.data.codec import DecodeError, as_hwc, decode_with_pillow
+from gensynth.data.codec import MAX_CLASSES, DecodeError, as_hwc, decode_label, decode_with_pillow
 from gensynth.errors import InputDataError, UsageError
 
 IDX_NAMES = {  # split -> (images, labels) base names, as published with MNIST and Fashion-MNIST
@@ -325,6 +325,11 @@ class NpzSource(Source):
             if len(self.labels) != len(self.images):
                 raise InputDataError(f"{self.path}: {len(self.images)} images in {image_key!r} but "
                                      f"{len(self.labels)} labels in {label_key!r}: they must match one to one")
+            # the classes are 0..largest label: refuse a label that would make that list absurd (or negative)
+            bad = np.flatnonzero((self.labels < 0) | (self.labels >= MAX_CLASSES))
+            if len(bad):
+                raise InputDataError(f"{self.path}: record {bad[0]}: label {self.labels[bad[0]]} in {label_key!r} "
+                                     f"is not a class index 0..{MAX_CLASSES - 1}")
             self.classes = [str(i) for i in range(int(self.labels.max()) + 1)] if len(self.labels) else []
 
     def _guess(self, arrays: dict, test: Any, what: str, flag: str, optional: bool = False) -> str | None:
@@ -376,6 +381,7 @@ class ShardSetSource(Source):
         folder = storage.parent(self.url) if self.url.endswith(".json") else self.url
         self.sha256 = manifest_sha256(self.url)
         self.classes = self.manifest.classes
+        num_classes, shape = self.manifest.num_classes, self.manifest.image_shape
         self.records: list[tuple[str, np.ndarray, int | None, dict[str, Any]]] = []
         for shard in self.manifest.shards:
             url = storage.join(folder, shard.name)
@@ -386,11 +392,12 @@ class ShardSetSource(Source):
                         if ext is None:
                             raise InputDataError(f"{url}: sample {key} has no image field")
                         try:
-                            image = decode_image(fields[ext], ext)
-                        except (DecodeError, ValueError) as e:
+                            image = decode_image(fields[ext], ext, shape)
+                            labelled = num_classes is not None or "cls" in fields
+                            label = decode_label(fields.get("cls"), num_classes) if labelled else None
+                            meta = json.loads(fields["json"]) if "json" in fields else {}
+                        except (DecodeError, ValueError, RecursionError) as e:
                             raise InputDataError(f"{url}: sample {key}: {e}") from None
-                        label = int(fields["cls"]) if "cls" in fields else None
-                        meta = json.loads(fields["json"]) if "json" in fields else {}
                         self.records.append((key, image, label, meta))
             except (TruncatedShard, CorruptShard) as e:
                 raise InputDataError(f"{url}: {e} (check it: gensynth inspect {self.url} --verify)") from None

@@ -47,6 +47,7 @@ from gensynth.data.codec import (
     DecodeError,
     decode_array,
     decode_image,
+    decode_label,
     npy_pixels,
     png_scanlines,
 )
@@ -128,29 +129,41 @@ class _ShardReader:
 
     def __init__(self, shards: list[Shard]):
         self.shards = shards
-        self.missing = 0  # samples the plan expected but a truncated or corrupt shard did not hold
+        # samples the plan expected but a truncated or corrupt shard did not hold, and samples a shard holds
+        # beyond its manifest entry (the plan has no place for them: they are skipped, not delivered)
+        self.missing = 0
 
     def read(self, segments: list[Segment]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         for seg in segments:
             shard = self.shards[seg.shard]
             name = shard.name
             pos = 0  # samples of this shard passed so far
+            extra = 0  # samples after the last one its manifest entry counts
             problem = "it holds fewer samples than its manifest entry"
             try:
                 with storage.open_read(shard.url) as f:
-                    for key, fields in iter_samples(f):
+                    samples = iter_samples(f)
+                    for key, fields in samples:
                         if pos >= seg.start:
                             yield name, key, fields
                         pos += 1
                         if pos >= seg.stop:
                             break
+                    if pos == seg.stop == shard.samples:  # this segment ends the shard: nothing may follow
+                        extra = sum(1 for _ in samples)  # read, not decoded; usually just the end marker
             except (TruncatedShard, CorruptShard, OSError) as e:
                 problem = str(e)
+                if pos >= seg.stop:  # every planned sample was read: nothing lost, but say so
+                    log.warning("shard %s is damaged after its %d listed samples (%s)", shard.url, pos, problem)
             lost = seg.stop - max(pos, seg.start)
             if lost > 0:
                 log.warning("shard %s is damaged after %d samples (%s): %d planned samples skipped",
                             shard.url, pos, problem, lost)
                 self.missing += lost
+            if extra:
+                log.warning("shard %s holds %d samples more than the %d its manifest entry lists: %d samples "
+                            "skipped (run `gensynth inspect SET --verify`)", shard.url, extra, shard.samples, extra)
+                self.missing += extra
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -176,7 +189,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[Shard], batch_size: int, mode: str, seed: int, buffer: int, rank: int,
                  world: int, workers: int, max_corrupt_fraction: float, image_shape: tuple[int, ...] | None,
-                 decode_meta: bool, arrays: dict[str, dict[str, Any]] | None = None, with_image: bool = True):
+                 decode_meta: bool, arrays: dict[str, dict[str, Any]] | None = None, with_image: bool = True,
+                 num_classes: int | None = None):
         self.shards = shards
         self.counts = [s.samples for s in shards]
         self.batch_size = batch_size
@@ -189,6 +203,7 @@ class ShardDataset(IterableDataset):
         self.decode_meta = decode_meta
         self.arrays = arrays or {}  # name -> {"field", "dtype", "shape"} from the manifest's schema
         self.with_image = with_image
+        self.num_classes = num_classes  # labels must be 0..num_classes-1 (None: the set has no labels)
         self.epoch = 0
         self.skip = [0] * workers  # batches each worker already delivered (resume)
         self.group = 1  # batches per message from a worker (see __iter__); ShardLoader sets it
@@ -299,6 +314,7 @@ class ShardDataset(IterableDataset):
         ext = IMAGE_EXTENSIONS[0]
         shape = self.image_shape  # (H, W, C) from the manifest; without one, the first image sets it
         decode_meta = self.decode_meta
+        num_classes = self.num_classes
         for shard, key, fields in raw:  # the loop runs per sample: kept lean on purpose
             try:
                 item: Any = None
@@ -310,14 +326,17 @@ class ShardDataset(IterableDataset):
                         data = fields.get(ext)
                         if data is None:
                             raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
-                    fast = png_scanlines(data) if ext == "png" else npy_pixels(data) if ext == "npy" else None
-                    if fast is not None and shape is None:
-                        shape = self.image_shape = fast[1]
-                    if fast is not None and fast[1] == shape:
+                    # the schema's shape bounds the decode: a larger image is refused before it is inflated
+                    fast = png_scanlines(data, shape) if ext == "png" else npy_pixels(data) if ext == "npy" else None
+                    if fast is not None:
+                        if shape is None:
+                            shape = self.image_shape = fast[1]
+                        if fast[1] != shape:  # decode_image would give this very shape
+                            raise DecodeError(f"image is {fast[1]}, the set's schema says {shape}")
                         item = fast[0]
                         kind = ext
                     else:
-                        item = decode_image(data, ext)
+                        item = decode_image(data, ext, shape)
                         if shape is None:
                             shape = self.image_shape = item.shape
                         if item.shape != shape:
@@ -328,10 +347,9 @@ class ShardDataset(IterableDataset):
                     if spec["field"] not in fields:
                         raise DecodeError(f"no {spec['field']} field (has {', '.join(sorted(fields)) or 'nothing'})")
                     decoded[name] = decode_array(fields[spec["field"]], spec["dtype"], spec["shape"])
-                cls = fields.get("cls")
-                label = -1 if cls is None else int(cls)
+                label = decode_label(fields.get("cls"), num_classes)
                 meta = _json_decode(fields["json"].decode("utf-8")) if decode_meta and "json" in fields else None
-            except (DecodeError, ValueError, UnicodeDecodeError) as e:
+            except (DecodeError, ValueError, UnicodeDecodeError, RecursionError) as e:  # JSON nested too deep
                 log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, e)
                 bad += 1
                 continue
@@ -435,11 +453,10 @@ class ShardLoader:
         if not self.shards:
             raise UsageError(f"{source}: no shards")
         schema = self.manifest.schema if self.manifest else {}
-        image = schema.get("image") or None
-        shape = (image["height"], image["width"], image["channels"]) if image else None
+        shape = self.manifest.image_shape if self.manifest else None
         self.arrays: dict[str, dict[str, Any]] = dict(schema.get("arrays") or {})
         # images unless the manifest describes a set of arrays only (without a manifest: images, as always)
-        with_image = image is not None or not self.arrays
+        with_image = shape is not None or not self.arrays
         self.num_workers = num_workers
         self.mode = mode
         self.batch_size = batch_size
@@ -447,7 +464,7 @@ class ShardLoader:
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardDataset(self.shards, batch_size, mode, seed, shuffle_buffer, self.rank,
                                     self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta,
-                                    self.arrays, with_image)
+                                    self.arrays, with_image, self.manifest.num_classes if self.manifest else None)
         if num_workers and shape is not None:  # several small batches per message (see GROUP_BYTES)
             batch_bytes = batch_size * shape[0] * shape[1] * shape[2]
             self.dataset.group = max(1, min(MAX_GROUP, GROUP_BYTES // batch_bytes))

@@ -17,6 +17,10 @@ from typing import IO
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+# The most bytes one sample (all its members, headers included) may hold. A sample is one training
+# example (a 28x28 PNG is under 1 kB; a 4096x4096 RGBA image, 64 MiB raw, is far beyond what gensynth
+# trains on), so a header that claims more is damage or a crafted file, never read into memory.
+MAX_SAMPLE_BYTES = 64 << 20
 
 
 class TruncatedShard(Exception):
@@ -66,7 +70,10 @@ def _size(header: bytes) -> int:
 
 
 def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in the tar stream, in order."""
+    """(name, data) of each regular file in the tar stream, in order.
+
+    A member whose header claims more than MAX_SAMPLE_BYTES (or a negative size) is a CorruptShard,
+    raised before anything is read: a crafted header cannot make the reader allocate its claim."""
     pending_name: str | None = None
     read = f.read
     while True:
@@ -81,24 +88,36 @@ def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             size = _size(header)
         except ValueError:
             raise CorruptShard("tar header has an unreadable size field") from None
+        if not 0 <= size <= MAX_SAMPLE_BYTES:
+            raise CorruptShard(f"tar header of {_header_name(header)!r} claims {size} bytes; a member holds "
+                               f"0..{MAX_SAMPLE_BYTES} (the most one sample may hold)")
         kind = header[156:157]
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         data = read(padded)
         if len(data) < padded:
             raise TruncatedShard("stream ended inside a member")
-        if kind in (b"0", b"\0", b"7"):
-            if pending_name is not None:
-                name, pending_name = pending_name, None
-            else:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        name = None
+        try:
+            if kind in (b"0", b"\0", b"7"):
+                if pending_name is not None:
+                    name, pending_name = pending_name, None
+                else:
+                    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                    if header[257:262] == b"ustar" and header[345] != 0:
+                        name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+            elif kind == b"x":
+                pending_name = _pax_path(data[:size]) or pending_name
+            elif kind == b"L":
+                pending_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
+        except ValueError as e:  # a name that is not UTF-8, pax records that do not parse
+            raise CorruptShard(f"tar header of {_header_name(header)!r} is unreadable: {e}") from None
+        if name is not None:  # directories, links, global pax headers: nothing to yield
             yield name, data[:size] if size != padded else data
-        elif kind == b"x":
-            pending_name = _pax_path(data[:size]) or pending_name
-        elif kind == b"L":
-            pending_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
-        # directories, links, global pax headers: nothing to yield
+
+
+def _header_name(header: bytes) -> str:
+    """A header's own name field, for messages (never fails)."""
+    return header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _pax_path(records: bytes) -> str | None:
@@ -107,6 +126,8 @@ def _pax_path(records: bytes) -> str | None:
     while pos < len(records):
         space = records.index(b" ", pos)
         length = int(records[pos:space])
+        if length <= space - pos:  # a record is "LENGTH KEY=VALUE\n", LENGTH counting itself: it moves on
+            raise ValueError(f"pax record length {length} at offset {pos}")
         key, _, value = records[space + 1:pos + length - 1].partition(b"=")
         if key == b"path":
             path = value.decode("utf-8")
@@ -115,16 +136,21 @@ def _pax_path(records: bytes) -> str | None:
 
 
 def iter_samples(f: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample; members of one key must be consecutive."""
+    """(key, {extension: bytes}) per sample; members of one key must be consecutive. A sample whose
+    members (headers included) hold more than MAX_SAMPLE_BYTES is a CorruptShard."""
     key: str | None = None
     fields: dict[str, bytes] = {}
+    held = 0  # bytes of the current sample's members, headers included
     for name, data in iter_members(f):
         dot = name.find(".", name.rfind("/") + 1)  # split_key, inlined: this loop runs per member
         k, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
         if k != key:
             if key is not None:
                 yield key, fields
-            key, fields = k, {}
+            key, fields, held = k, {}, 0
+        held += BLOCK + len(data)
+        if held > MAX_SAMPLE_BYTES:
+            raise CorruptShard(f"sample {k} holds more than {MAX_SAMPLE_BYTES} bytes (the most one sample may hold)")
         fields[ext] = data
     if key is not None:
         yield key, fields
@@ -188,6 +214,9 @@ class TarShardWriter:
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} must not contain a dot")
+        size = sum(BLOCK + len(data) for data in fields.values())
+        if size > MAX_SAMPLE_BYTES:  # the reader would refuse it (see iter_samples)
+            raise ValueError(f"sample {key!r} holds {size} bytes, more than the {MAX_SAMPLE_BYTES} one sample may hold")
         parts = []  # one write per sample: the file below may hash and count every call
         for ext in sorted(fields):
             data = fields[ext]

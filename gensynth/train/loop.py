@@ -70,8 +70,7 @@ def data_info(loader: ShardLoader, source: str) -> DataInfo:
     if manifest is None or image is None:
         raise UsageError(f"{source}: training needs a shard set with a manifest.json that describes its images "
                          "(or, for a prior, code shards that record the images they encode)")
-    labels = sorted(int(k) for k in manifest.class_histogram)
-    num_classes = max(len(manifest.classes or []), (labels[-1] + 1) if labels else 1)
+    num_classes = manifest.num_classes or max(len(manifest.classes or []), 1)  # the loader checks labels by it
     classes = manifest.classes or [str(i) for i in range(num_classes)]
     sha256 = manifest_sha256(source)
     if "image" in schema:
