@@ -1,5 +1,5 @@
 """The VQ-VAE, its prior and the VAE on the shared training loop, for real: subprocesses, kill -9 and
-resume, real gloo ranks, TensorBoard events, exports loaded through gensynth.sampling.
+resume, real gloo ranks, TensorBoard events, exports loaded through gensynth.families.load_sampler.
 
 Tiny configs (8x8 toy images, 8-channel nets) keep steps to milliseconds: these tests check the
 machinery (codebook sync, resume, export, collapse guard), not image quality.
