@@ -25,16 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine, report  # noqa: E402
-from gensynth.config import load_config  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
+from gensynth.families import load_run_config, load_sampler  # noqa: E402
 from gensynth.generate import build_job, draw_shard, generate, interleaved_labels  # noqa: E402
 from gensynth.models.dcgan import Generator  # noqa: E402
-from gensynth.sampling import load_sampler  # noqa: E402
 
 
 def untrained_export(config: str, folder: Path) -> Path:
     """An export of the config's generator at initialisation: the same architecture, so the same speed."""
-    cfg = load_config(config)
+    cfg = load_run_config(config)
     g = cfg.gan
     arch = dict(z_dim=g.z_dim, num_classes=10, resolution=cfg.model.resolution, channels=1,
                 base_channels=g.g_channels, max_channels=g.max_channels)

@@ -91,7 +91,7 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
         extract_s = before["cpu_s"]  # the codes of this VQ-VAE are there: charge what extracting them cost
     else:
         shutil.rmtree(codes, ignore_errors=True)  # codes of an earlier VQ-VAE run would be refused
-        code, extract_s = run_watched([sys.executable, "-c", "import sys; from gensynth.train.codes import "
+        code, extract_s = run_watched([sys.executable, "-c", "import sys; from gensynth.families.prior.codes import "
                                        "ensure_codes; ensure_codes(*sys.argv[1:])", str(vq_dir / "export"), data,
                                        str(codes)], logs / f"{run_dir.name}.log")
         if code != 0:
@@ -230,9 +230,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from gensynth.config import load_config
+    from gensynth.families import load_run_config
 
-    cfg = load_config(None, [*args.overrides, f"eval.classifier_steps={args.classifier_steps}",
+    cfg = load_run_config(None, [*args.overrides, f"eval.classifier_steps={args.classifier_steps}",
                              f"eval.seeds={args.seeds}", f"eval.num={args.num}"]).eval
     work = Path(args.work)
     (work / "runs").mkdir(parents=True, exist_ok=True)

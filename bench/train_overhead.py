@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine, report  # noqa: E402
-from gensynth.config import load_config  # noqa: E402
 from gensynth.demo import ensure_fashion_shards  # noqa: E402
+from gensynth.families import load_run_config  # noqa: E402
+from gensynth.families.gan.ema import EMA  # noqa: E402
 from gensynth.models.dcgan import Discriminator, Generator  # noqa: E402
-from gensynth.train.ema import EMA  # noqa: E402
 from gensynth.train.loop import Run  # noqa: E402
 
 
@@ -103,12 +103,12 @@ def main() -> None:
     plain, ours, wait = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            cfg = load_config(args.config, overrides)
+            cfg = load_run_config(args.config, overrides)
             plain.append(plain_steps_per_s(cfg, args.steps, args.warmup))
-            rate, w = gensynth_steps_per_s(load_config(args.config, overrides), args.steps, args.warmup, Path(tmp))
+            rate, w = gensynth_steps_per_s(load_run_config(args.config, overrides), args.steps, args.warmup, Path(tmp))
             ours.append(rate)
             wait.append(w)
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides)
     best = ours.index(max(ours))
     result = {"gensynth_steps_per_s": max(ours), "plain_steps_per_s": max(plain),
               "overhead": 1 - max(ours) / max(plain), "data_wait_fraction": wait[best],

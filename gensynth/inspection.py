@@ -10,10 +10,11 @@ from pathlib import Path
 import yaml
 
 from gensynth import storage
-from gensynth.config import dump_yaml, load_config
+from gensynth.config import dump_yaml
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, verify_shards
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
+from gensynth.families import load_run_config
 
 RUN_CONFIG = "config.yaml"  # the resolved config a run saves in its directory
 
@@ -164,7 +165,7 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
     """
     url = str(url).rstrip("/")
     if url.endswith((".yaml", ".yml")):
-        return dump_yaml(load_config(url, overrides)).splitlines(), True
+        return dump_yaml(load_run_config(url, overrides)).splitlines(), True
     if overrides:
         raise UsageError(f"key=value overrides apply to a YAML config, not to {url}")
     if url.endswith(".tar"):

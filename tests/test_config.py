@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from gensynth.cli import main
-from gensynth.config import Config, dump_yaml, load_config
+from gensynth.config import Config, dump_yaml
 from gensynth.errors import ConfigError, UsageError
+from gensynth.families import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,31 +22,31 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_without_a_file():
-    cfg = load_config(None)
+    cfg = load_run_config(None)
     assert isinstance(cfg, Config) and cfg.train.batch_size == 128 and cfg.data.mode == "resampled"
 
 
 def test_yaml_then_overrides_nested_with_dots(tmp_path):
     path = write(tmp_path, "run: {name: a, seed: 3}\ntrain: {batch_size: 32}\n")
-    cfg = load_config(path, ["train.batch_size=64", "data.mode=exact", "data.max_corrupt_fraction=0.5"])
+    cfg = load_run_config(path, ["train.batch_size=64", "data.mode=exact", "data.max_corrupt_fraction=0.5"])
     assert (cfg.run.name, cfg.run.seed, cfg.train.batch_size) == ("a", 3, 64)
     assert cfg.data.mode == "exact" and cfg.data.max_corrupt_fraction == 0.5
 
 
 def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     # YAML 1.1 (PyYAML) parses 2e-4 as a string; learning rates are written that way
-    cfg = load_config(write(tmp_path, "gan: {lr_g: 2e-4}\n"), ["gan.lr_d=1e-3"])
+    cfg = load_run_config(write(tmp_path, "gan: {lr_g: 2e-4}\n"), ["gan.lr_d=1e-3"])
     assert cfg.gan.lr_g == 2e-4 and cfg.gan.lr_d == 1e-3
 
 
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        load_config(path)
+        load_run_config(path)
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["run.name=x", "data.num_workers=0"])
-    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    cfg = load_run_config(None, ["run.name=x", "data.num_workers=0"])
+    again = load_run_config(write(tmp_path, dump_yaml(cfg)))
     assert again == cfg
 
 
@@ -63,16 +64,16 @@ def test_resolved_config_round_trips(tmp_path):
 ])
 def test_bad_override_names_key_value_and_what_is_allowed(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_run_config(None, [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(write(tmp_path, "run: [unclosed\n"))
+        load_run_config(write(tmp_path, "run: [unclosed\n"))
     with pytest.raises(UsageError, match="config file not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_run_config(tmp_path / "nope.yaml")
 
 
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The VQ-VAE, its prior and the VAE on the shared training loop, for real: subprocesses, kill -9 and
-resume, real gloo ranks, TensorBoard events, exports loaded through gensynth.sampling.
+resume, real gloo ranks, TensorBoard events, exports loaded through gensynth.families.load_sampler.
 
 Tiny configs (8x8 toy images, 8-channel nets) keep steps to milliseconds: these tests check the
 machinery (codebook sync, resume, export, collapse guard), not image quality.
@@ -21,10 +21,13 @@ import yaml
 from gensynth.data.codec import decode_png
 from gensynth.errors import UsageError
 from gensynth.export import load_export
-from gensynth.sampling import PriorSampler, VAESampler, VQVAESampler, load_sampler
+from gensynth.families import load_sampler
+from gensynth.families.prior.sampler import PriorSampler
+from gensynth.families.vae.sampler import VAESampler
+from gensynth.families.vqvae.sampler import VQVAESampler
+from gensynth.families.vqvae.trainer import grid_images, reconstruction_grid
+from gensynth.imaging import image_grid
 from gensynth.train.checkpoint import latest_checkpoint
-from gensynth.train.tracking import image_grid
-from gensynth.train.vqvae import grid_images, reconstruction_grid
 from tests.conftest import free_port, write_shard_set
 from tests.test_train import gensynth, kill9_after_checkpoint, launch_cmd, rank_state, run_dir, run_launches
 
@@ -192,7 +195,7 @@ def test_code_shards_round_trip_are_reused_and_refuse_another_vqvae(vqvae_run, t
     from gensynth.data.manifest import manifest_sha256
     from gensynth.data.stream import ShardLoader
     from gensynth.export import save_export
-    from gensynth.train.codes import ensure_codes
+    from gensynth.families.prior.codes import ensure_codes
 
     export = str(vqvae_run["run"])
     out = str(tmp_path / "codes")

@@ -12,8 +12,8 @@ from gensynth.data.manifest import read_manifest
 from gensynth.evaluate.classifier import SmallCNN
 from gensynth.evaluate.extractor import KIND
 from gensynth.export import save_export
+from gensynth.families import load_sampler
 from gensynth.generate import SampleFilter, build_job, draw_shard, interleaved_labels
-from gensynth.sampling import load_sampler
 
 
 class BrightnessJudge(nn.Module):

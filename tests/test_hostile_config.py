@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from gensynth.cli import main
-from gensynth.config import load_config
 from gensynth.errors import ConfigError
+from gensynth.families import load_run_config
 from tests.test_hostile_checkpoint import one_line_error
 
 
@@ -31,7 +31,7 @@ from tests.test_hostile_checkpoint import one_line_error
 def test_bad_value_is_refused_at_validation(tmp_path, capsys, override, allowed):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=allowed):
-        load_config(None, [override])
+        load_run_config(None, [override])
     config = tmp_path / "c.yaml"
     config.write_text(f"run: {{root: {tmp_path / 'runs'}}}\n")
     assert main(["train", str(config), override]) == 2
@@ -44,17 +44,17 @@ def test_bad_value_is_refused_at_validation(tmp_path, capsys, override, allowed)
                                                         ("vae", 14, "divisible by 2^vae.downsamples = 4")])
 def test_resolution_must_suit_the_family(family, resolution, allowed):
     with pytest.raises(ConfigError, match=re.escape(allowed)):
-        load_config(None, [f"model.family={family}", f"model.resolution={resolution}"])
-    assert load_config(None, [f"model.family={family}", "model.resolution=28"]).model.resolution == 28
+        load_run_config(None, [f"model.family={family}", f"model.resolution={resolution}"])
+    assert load_run_config(None, [f"model.family={family}", "model.resolution=28"]).model.resolution == 28
 
 
 def test_prior_heads_must_divide_width():
     with pytest.raises(ConfigError, match="prior.heads=3 is not allowed: it must divide prior.width=128"):
-        load_config(None, ["model.family=prior", "prior.heads=3"])
+        load_run_config(None, ["model.family=prior", "prior.heads=3"])
 
 
 def test_good_values_still_pass():
-    cfg = load_config(None, ["gan.diffaugment=translation, cutout", "run.name=gan_fashion-2", "train.steps=1",
+    cfg = load_run_config(None, ["gan.diffaugment=translation, cutout", "run.name=gan_fashion-2", "train.steps=1",
                              "train.grad_clip=1.0", "gan.lr_g=1e-4"])
     assert cfg.gan.diffaugment == "translation, cutout" and cfg.train.steps == 1 and cfg.gan.lr_g == 1e-4
 
@@ -63,7 +63,7 @@ def test_a_duplicate_yaml_key_is_an_error(tmp_path, capsys):
     config = tmp_path / "dup.yaml"
     config.write_text("train:\n  steps: 10\n  batch_size: 8\n  steps: 2000\n")
     with pytest.raises(ConfigError, match="duplicate key 'steps'"):
-        load_config(config)
+        load_run_config(config)
     assert main(["train", str(config)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "dup.yaml" in line and "duplicate key 'steps'" in line and "line 4" in line, line

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from gensynth.families.vqvae.reconstruction import mse, psnr, ssim
 from gensynth.models.quantizer import VectorQuantizer, kmeans, perplexity
-from gensynth.train.reconstruction import mse, psnr, ssim
 
 
 def as_map(rows: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from gensynth import cluster
-from gensynth.config import load_config
 from gensynth.data.stream import ShardLoader
+from gensynth.families import load_run_config
 from gensynth.train.checkpoint import complete_checkpoints
 from gensynth.train.signals import StopRequest
 from tests.conftest import REPO, need, write_shard_set
@@ -212,7 +212,7 @@ def jobs(slurm_cluster, tmp_path_factory) -> Jobs:
 def replayed_digests(config: Path, steps: set[int], world: int = 2) -> dict[int, dict[int, str]]:
     """rank -> step -> the digest of the sample keys that rank must have consumed by that step, from a
     fresh loader in this process (the loop hashes the keys of every batch it takes, in order)."""
-    cfg = load_config(config)
+    cfg = load_run_config(config)
     out: dict[int, dict[int, str]] = {}
     for rank in range(world):
         loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode, seed=cfg.run.seed,

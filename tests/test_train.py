@@ -156,7 +156,7 @@ def test_fid_and_class_consistency_in_training_keep_a_pointer_to_the_best_genera
     the metrics land in TensorBoard, and best.json names the step of the lowest FID, exported to best/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gensynth.sampling import load_sampler
+    from gensynth.families import load_sampler
 
     cache = tmp_path / "cache"
     config = tiny_config(tmp_path, toy_data, train__steps=30,

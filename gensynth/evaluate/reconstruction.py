@@ -10,7 +10,7 @@ All take uint8 image batches [n, C, H, W] (the data's own format) and measure in
 - Codebook usage (VQ-VAE): share of codes used at least once, and the perplexity exp(H) of the code
   histogram (= codebook size when all are used evenly, 1 when one code takes everything).
 
-The hook: a family's Sampler (gensynth/sampling.py) that defines
+The hook: a family's Sampler (gensynth/families/) that defines
     reconstruct(images uint8 [n, C, H, W]) -> (reconstructions uint8 [n, C, H, W], code indices or None)
 and, for a codebook, the attribute `codebook_size`, gets these metrics in `gensynth eval` on real
 test images (reconstruction_metrics below); families without it are simply not asked.

@@ -18,7 +18,7 @@ from gensynth import storage
 from gensynth.data.codec import encode_png
 from gensynth.evaluate.memorisation import MemorisationResult
 from gensynth.evaluate.sets import ImageSet
-from gensynth.train.tracking import image_grid
+from gensynth.imaging import image_grid
 
 PER_CLASS = 10  # samples per class row in the grids
 STYLE = """

@@ -229,7 +229,7 @@ def _reconstruction(prov: dict[str, Any], test: ImageSet) -> dict[str, Any]:
     if not export or not Path(export).exists():
         return {"skipped": "the generator's export is not at hand (provenance.export.path)"}
     from gensynth.evaluate.reconstruction import reconstruction_metrics
-    from gensynth.sampling import load_sampler
+    from gensynth.families import load_sampler
 
     try:
         sampler = load_sampler(export)

@@ -33,9 +33,10 @@ from gensynth.data.stream import ShardLoader
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.metrics import MetricContext, check_metrics, evaluate, needs_extractor
 from gensynth.export import save_export
+from gensynth.families import get_family
+from gensynth.families.training import DataInfo, Trainer, params_digest, sync_buffers
 from gensynth.imaging import to_network
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gensynth.train.family import DataInfo, Family, build_family, params_digest, prepare_data, sync_buffers
 from gensynth.train.ranks import all_agree
 from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.tracking import Tracker
@@ -117,7 +118,8 @@ class Run:
         if self.acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(dump_yaml(cfg))
-        prepare_data(cfg, self.acc)  # e.g. the prior's code shards, extracted once by the main process
+        self.family = get_family(cfg.model.family)
+        self.family.prepare(cfg, self.acc)  # e.g. the prior's code shards, extracted once by the main process
         self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
                                   seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                   num_workers=cfg.data.num_workers, rank=self.acc.process_index,
@@ -125,8 +127,11 @@ class Run:
                                   max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                                   pin_memory=self.acc.device.type == "cuda", decode_meta=False)
         self.data = data_info(self.loader, cfg.data.train)
+        if self.data.inputs != self.family.inputs:
+            raise UsageError(f"{cfg.data.train}: model.family={cfg.model.family} trains on '{self.family.inputs}', "
+                             f"this shard set holds '{self.data.inputs}'")
         set_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        self.family: Family = build_family(cfg, self.acc, self.data)
+        self.trainer: Trainer = self.family.trainer(cfg, self.acc, self.data)
         set_seed(cfg.run.seed, device_specific=True)  # then different noise per rank
         self.state: dict[str, Any] = {"step": 0, "nonfinite_steps": 0, "rollbacks": 0, "stops": 0, "resumes": 0,
                                       "rolled_back_at": None, "data_manifest_sha256": self.data.manifest_sha256}
@@ -148,11 +153,11 @@ class Run:
     def save(self) -> Path:
         # before the buffers are averaged: tells whether the ranks kept their buffers (e.g. a VQ-VAE's
         # codebook) in sync by themselves
-        local_digest = params_digest(self.family.modules())
-        sync_buffers(self.family.modules())
+        local_digest = params_digest(self.trainer.modules())
+        sync_buffers(self.trainer.modules())
         rank_state = {"rank": self.acc.process_index, "loader": self.loader.state_dict(),
                       "data_digest": self.data_digest, "samples_seen": self.samples_seen,
-                      "params_digest": params_digest(self.family.modules()),
+                      "params_digest": params_digest(self.trainer.modules()),
                       "params_digest_before_sync": local_digest}
         return save_checkpoint(self.acc, self.ckpt_dir, self.state["step"], self.state, rank_state,
                                self.cfg.train.keep_checkpoints, to_dict(self.cfg))
@@ -160,7 +165,7 @@ class Run:
     def restore(self, path: Path, with_data: bool = True) -> None:
         trainer_state, rank_state = load_checkpoint(self.acc, path, to_dict(self.cfg))
         self.state.update(trainer_state)
-        self.family.after_restore()
+        self.trainer.after_restore()
         if with_data:
             self.loader.load_state_dict(rank_state["loader"])
             self.data_digest = rank_state["data_digest"]
@@ -192,7 +197,7 @@ class Run:
                         self.note_data(batch["key"])
                         inputs = self.inputs(batch)
                         labels = batch["label"].to(acc.device, non_blocking=True)
-                        result = self.family.train_step(inputs, labels, self.state["step"])
+                        result = self.trainer.train_step(inputs, labels, self.state["step"])
                         timing["images"] += inputs.shape[0]
                     stop_now, nonfinite = all_agree([stop.requested, result.nonfinite], acc.device)
                     self.state["step"] += 1
@@ -211,7 +216,7 @@ class Run:
                         sums, counted = defaultdict(float), 0
                         timing = {"data": 0.0, "total": 0.0, "images": 0}
                     if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                        tracker.grid(step, getattr(self.family, "grid_name", "samples"), self.family.sample_grid())
+                        tracker.grid(step, self.trainer.grid_name, self.trainer.sample_grid())
                     if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                         self.evaluate(tracker, step)
                     if stop_now:
@@ -231,7 +236,7 @@ class Run:
 
     def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
         """Images as float [n, C, R, R] in [-1, 1]; arrays (codes) as int64 as they are."""
-        if self.data.inputs == "image":
+        if self.family.inputs == "image":
             return to_network(batch["image"].to(self.acc.device, non_blocking=True), self.cfg.model.resolution)
         return batch[self.data.inputs].to(self.acc.device, non_blocking=True).long()
 
@@ -272,11 +277,10 @@ class Run:
         among them, the generator of the lowest FID so far is exported to runs/<name>/best/, named in best.json."""
         if self.acc.is_main_process:
             values: dict[str, float] = {}
-            if self.cfg.eval.metrics and getattr(self.family, "generates", True):
+            if self.cfg.eval.metrics and self.trainer.generates:
                 values.update(self.generated_metrics())
-            heldout = getattr(self.family, "heldout_metrics", None)
-            if heldout is not None and self.cfg.data.test:
-                figures = heldout(self.heldout_batches())
+            figures = self.trainer.heldout_metrics(self.heldout_batches()) if self.cfg.data.test else {}
+            if figures:  # heldout_batches reads data.test only when a family asks for it
                 log.info("step %d held-out (%s): %s", step, self.cfg.data.test,
                          " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
                 values.update(figures)
@@ -297,7 +301,7 @@ class Run:
                     break
             self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
         fake_labels = torch.arange(n) % self.data.num_classes
-        fake = self.family.generate(fake_labels, seed=self.cfg.run.seed + 1)
+        fake = self.trainer.generate(fake_labels, seed=self.cfg.run.seed + 1)
         return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference, context=self.metric_context)
 
     def heldout_batches(self, batch_size: int = 500):
@@ -334,7 +338,7 @@ class Run:
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
                     timing: dict[str, float]) -> None:
         values = {k: v / max(counted, 1) for k, v in sums.items()}
-        values.update(self.family.learning_rates())
+        values.update(self.trainer.learning_rates())
         total = max(timing["total"], 1e-9)
         values["perf/samples_per_s"] = timing["images"] * self.acc.num_processes / total
         values["perf/data_wait_fraction"] = timing["data"] / total
@@ -354,8 +358,9 @@ class Run:
         if not self.acc.is_main_process:
             return
         folder = folder or self.dir / "export"
-        tensors, config = self.family.export()
-        config.update({"step": self.state["step"], "run": self.cfg.run.name, "seed": self.cfg.run.seed,
+        tensors, config = self.trainer.export()
+        config.update({"family": self.cfg.model.family, "step": self.state["step"], "run": self.cfg.run.name,
+                       "seed": self.cfg.run.seed,
                        "classes": self.data.classes, "num_classes": self.data.num_classes,
                        "image": {"height": self.data.height, "width": self.data.width,
                                  "channels": self.data.channels},

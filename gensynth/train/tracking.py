@@ -15,18 +15,6 @@ from gensynth.progress import interactive
 log = logging.getLogger("gensynth")
 
 
-def image_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
-    """uint8 [n, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid, row-major."""
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = images[i]
-    return grid
-
-
 class Tracker:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled

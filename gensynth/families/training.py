@@ -1,18 +1,19 @@
-"""What the loop needs from a model family, and the small helpers every family's step shares."""
+"""What the training loop drives (a family's Trainer), and the small helpers every family's step shares."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from gensynth.train.tracking import image_grid
+from gensynth.imaging import image_grid
 
 
 @dataclass(frozen=True)
@@ -36,26 +37,52 @@ class StepResult:
     nonfinite: bool = False  # a loss was NaN or Inf on this rank
 
 
-class Family(Protocol):
-    """What the loop calls. Optional, read with getattr by the loop:
-    - `grid_name` (default "samples"): the tag and file name of `sample_grid()`'s image;
-    - `generates` (default True): False for a family that cannot sample (a VQ-VAE alone), whose
-      in-training eval.metrics on generated samples are skipped;
-    - `heldout_metrics(batches)`: figures on held-out data (data.test), batches of (network images, labels).
+class Trainer:
+    """The object the training loop drives, one per process; a family's `trainer(cfg, accelerator, data)` builds
+    it. Models and optimizers go through `accelerator.prepare` and any other state through
+    `accelerator.register_for_checkpointing`, so checkpoints and exact resumes work for every family.
+
+    Optional features have defaults here:
+    - `grid_name`: the tag and file name of `sample_grid()`'s image;
+    - `generates`: False for a family that cannot sample (a VQ-VAE alone), whose in-training eval.metrics on
+      generated samples are skipped;
+    - `heldout_metrics(batches)`: figures on held-out data (data.test), batches of (network images, labels);
+      none by default.
     """
 
-    family: str
+    grid_name: str = "samples"
+    generates: bool = True
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult: ...
-    def modules(self) -> dict[str, nn.Module]: ...
-    def after_restore(self) -> None: ...
-    def learning_rates(self) -> dict[str, float]: ...
-    def sample_grid(self) -> np.ndarray: ...
-    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor: ...
-    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
+        """One micro-batch: `inputs` is the batch field the family trains on (network images in [-1, 1])."""
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The unwrapped modules by name: checkpoint digests and buffer averaging go over them."""
+        raise NotImplementedError
+
+    def after_restore(self) -> None:
+        """Called after a checkpoint is loaded (e.g. the config's learning rates win over the stored ones)."""
+
+    def learning_rates(self) -> dict[str, float]:
+        return {}
+
+    def sample_grid(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """uint8 [n, C, H, W] samples of `labels`, noise drawn from `seed` (not the global RNG)."""
+        raise NotImplementedError
+
+    def heldout_metrics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        return {}
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, config) of the export; the loop adds the family, data, classes and step to the config."""
+        raise NotImplementedError
 
 
-class SeededSampling:
+class SeededSampling(Trainer):
     """`generate` and `sample_grid` for a family whose `sample(labels, generator)` returns uint8 images:
     every call draws from one generator seeded for it; the grid's seed is run.seed, so a sampler loaded from
     the export reproduces the run's last grid. Needs `cfg`, `data` and `grid_labels` (one row per class)."""
@@ -113,31 +140,3 @@ def params_digest(modules: dict[str, nn.Module]) -> str:
             h.update(f"{name}.{key}".encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def prepare_data(cfg: Any, accelerator: Accelerator) -> None:
-    """Work a family needs done before its data can be read: the prior's code shards (extracted once)."""
-    if cfg.model.family == "prior":
-        from gensynth.train.prior import ensure_code_shards
-
-        ensure_code_shards(cfg, accelerator)
-
-
-def build_family(cfg: Any, accelerator: Accelerator, data: DataInfo) -> Family:
-    if cfg.model.family == "gan":
-        from gensynth.train.gan import GANTrainer
-
-        return GANTrainer(cfg, accelerator, data)
-    if cfg.model.family == "vqvae":
-        from gensynth.train.vqvae import VQVAETrainer
-
-        return VQVAETrainer(cfg, accelerator, data)
-    if cfg.model.family == "prior":
-        from gensynth.train.prior import PriorTrainer
-
-        return PriorTrainer(cfg, accelerator, data)
-    if cfg.model.family == "vae":
-        from gensynth.train.vae import VAETrainer
-
-        return VAETrainer(cfg, accelerator, data)
-    raise ValueError(f"unknown model family {cfg.model.family!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gensynth.config import DIFFAUGMENT_POLICIES
+from gensynth.families.gan import DIFFAUGMENT_POLICIES
 
 
 def brightness(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The prior family's step: a class-conditional transformer (gensynth/models/prior.py) learns the code
-grids of a trained VQ-VAE by next-code cross-entropy, from code shards (gensynth/train/codes.py).
+grids of a trained VQ-VAE by next-code cross-entropy, from code shards (codes.py).
 
 Before the loader opens, `ensure_code_shards` has the main process extract the codes of prior.images
 (default: the VQ-VAE's own training set) into data.train, once: a later run reuses them while their
@@ -24,11 +24,11 @@ from gensynth.config import Config
 from gensynth.data.manifest import read_manifest
 from gensynth.errors import ConfigError, UsageError
 from gensynth.export import load_export
+from gensynth.families.prior.codes import codes_match, ensure_codes, export_identity
+from gensynth.families.prior.sampler import prior_images
+from gensynth.families.training import DataInfo, SeededSampling, StepResult, clip_and_step
 from gensynth.models.prior import CodePrior
 from gensynth.models.vqvae import VQVAE
-from gensynth.sampling import prior_images
-from gensynth.train.codes import codes_match, ensure_codes, export_identity
-from gensynth.train.family import DataInfo, SeededSampling, StepResult, clip_and_step
 
 log = logging.getLogger("gensynth")
 
@@ -64,8 +64,6 @@ def load_code_decoder(export: str) -> tuple[VQVAE, dict[str, Any], dict[str, tor
 
 
 class PriorTrainer(SeededSampling):
-    family = "prior"
-
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
         p = cfg.prior
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
@@ -80,8 +78,6 @@ class PriorTrainer(SeededSampling):
         self.arch = dict(num_codes=int(manifest.provenance["num_codes"]), length=grid[0] * grid[1],
                          num_classes=data.num_classes, width=p.width, layers=p.layers, heads=p.heads,
                          dropout=p.dropout)
-        if p.width % p.heads:
-            raise ConfigError(f"prior.width={p.width} is not divisible by prior.heads={p.heads}")
         model = CodePrior(**self.arch)
         opt = torch.optim.AdamW(model.decay_groups(p.weight_decay), lr=learning_rate(cfg, 0), betas=(p.beta1, p.beta2))
         self.model, self.opt = accelerator.prepare(model, opt)
@@ -123,6 +119,6 @@ class PriorTrainer(SeededSampling):
         """Prior weights under prior.*, the VQ-VAE's codebook and decoder under vqvae.*: self-contained."""
         tensors = {f"prior.{k}": v for k, v in self.raw.state_dict().items()}
         tensors.update({f"vqvae.{k}": v for k, v in self.decoder_tensors.items()})
-        return tensors, {"family": self.family, "architecture": dict(self.arch), "prior": asdict(self.cfg.prior),
+        return tensors, {"architecture": dict(self.arch), "prior": asdict(self.cfg.prior),
                          "vqvae": {"architecture": dict(self.decoder_arch), **self.vqvae},
                          "sampling_defaults": {"temperature": 1.0, "top_k": 0}}

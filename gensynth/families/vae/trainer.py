@@ -28,10 +28,10 @@ from accelerate import Accelerator
 
 from gensynth.config import Config
 from gensynth.errors import UsageError
+from gensynth.families.training import DataInfo, SeededSampling, StepResult, clip_and_step
+from gensynth.families.vae.sampler import vae_images
 from gensynth.imaging import pad_amounts
 from gensynth.models.vae import VAE, gaussian_nll, kl_to_standard_normal, optimal_log_sigma
-from gensynth.sampling import vae_images
-from gensynth.train.family import DataInfo, SeededSampling, StepResult, clip_and_step
 
 SIGMA_DECAY = 0.99  # running average of the optimal sigma, about the last 100 steps
 
@@ -44,8 +44,6 @@ def kl_weight(cfg: Config, step: int) -> float:
 
 
 class VAETrainer(SeededSampling):
-    family = "vae"
-
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
         v = cfg.vae
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
@@ -148,5 +146,5 @@ class VAETrainer(SeededSampling):
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return dict(self.raw.state_dict()), {
-            "family": self.family, "architecture": dict(self.arch), "vae": asdict(self.cfg.vae),
+            "architecture": dict(self.arch), "vae": asdict(self.cfg.vae),
             "heldout": dict(self.heldout), "sigma": math.exp(float(self.raw.log_sigma))}

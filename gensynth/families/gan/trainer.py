@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from gensynth.config import Config
-from gensynth.imaging import to_uint8
+from gensynth.families.gan.augment import diff_augment, parse_policy
+from gensynth.families.gan.ema import EMA
+from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step
+from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.dcgan import Discriminator, Generator
-from gensynth.train.augment import diff_augment, parse_policy
-from gensynth.train.ema import EMA
-from gensynth.train.family import DataInfo, StepResult, clip_and_step
-from gensynth.train.tracking import image_grid
 
 
 def d_loss_fn(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -36,9 +35,7 @@ def g_loss_fn(kind: str, fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
 
 
-class GANTrainer:
-    family = "gan"
-
+class GANTrainer(Trainer):
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
         g = cfg.gan
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
@@ -137,4 +134,4 @@ class GANTrainer:
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """EMA generator weights (with batch-norm statistics) and what it takes to rebuild it."""
         return dict(self.ema.model.state_dict()), {
-            "family": self.family, "architecture": dict(self.arch), "gan": asdict(self.cfg.gan)}
+            "architecture": dict(self.arch), "gan": asdict(self.cfg.gan)}

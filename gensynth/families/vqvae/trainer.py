@@ -5,10 +5,10 @@ encoder and decoder (and the factorized codebook's projections).
 Logged: loss/recon, loss/commitment, vq/usage (share of codes used in the last vqvae.usage_window
 batches), vq/perplexity, vq/restarted (dead codes re-seeded per step) and vq/restarts_total;
 reconstruction grids (input row over output row); every train.eval_every steps, held-out MSE, PSNR
-and SSIM on data.test (gensynth/train/reconstruction.py) and the codes' usage there. A warning is
+and SSIM on data.test (reconstruction.py) and the codes' usage there. A warning is
 logged when codebook usage falls below vqvae.usage_warn (the collapse guard).
 
-A VQ-VAE alone does not generate: its export reconstructs; the prior (gensynth/train/prior.py) makes
+A VQ-VAE alone does not generate: its export reconstructs; the prior (gensynth/families/prior/) makes
 new images from its codes.
 """
 
@@ -26,13 +26,12 @@ from accelerate import Accelerator
 from gensynth.config import Config
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
-from gensynth.imaging import to_uint8
+from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step
+from gensynth.families.vqvae.reconstruction import summarize
+from gensynth.families.vqvae.sampler import vqvae_reconstruct
+from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.quantizer import perplexity
 from gensynth.models.vqvae import VQVAE
-from gensynth.sampling import vqvae_reconstruct
-from gensynth.train.family import DataInfo, StepResult, clip_and_step
-from gensynth.train.reconstruction import summarize
-from gensynth.train.tracking import image_grid
 
 log = logging.getLogger("gensynth")
 
@@ -65,10 +64,9 @@ def grid_images(source: str, per_class: int, num_classes: int, seed: int = 0) ->
     return torch.stack([image for row in rounds for image in row])
 
 
-class VQVAETrainer:
-    family = "vqvae"
+class VQVAETrainer(Trainer):
     grid_name = "reconstructions"
-    generates = False  # a prior over the codes generates; see gensynth/train/prior.py
+    generates = False  # a prior over the codes generates; see gensynth/families/prior/
 
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
         v = cfg.vqvae
@@ -169,7 +167,7 @@ class VQVAETrainer:
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Encoder, codebook (with its EMA statistics) and decoder; reconstructs and encodes, does not sample."""
         return dict(self.raw.state_dict()), {
-            "family": self.family, "architecture": dict(self.arch), "vqvae": asdict(self.cfg.vqvae),
+            "architecture": dict(self.arch), "vqvae": asdict(self.cfg.vqvae),
             "codebook": self.codebook_figures(), "heldout": dict(self.heldout),
             "grid": [self.raw.grid, self.raw.grid]}
 

@@ -27,8 +27,9 @@ from gensynth.data.stream import ShardLoader
 from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import UsageError
 from gensynth.export import CONFIG, export_folder, read_export_config
+from gensynth.families import load_sampler
+from gensynth.families.vqvae.sampler import VQVAESampler
 from gensynth.progress import progress
-from gensynth.sampling import VQVAESampler, load_sampler
 
 log = logging.getLogger("gensynth")
 CODES = "codes"  # the array's name: field codes.npy, batch["codes"]

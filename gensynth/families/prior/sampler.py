@@ -1,0 +1,61 @@
+"""The prior's sampler: codes drawn from the prior, decoded by the VQ-VAE its export bundles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gensynth.errors import UsageError
+from gensynth.families.sampling import Sampler, positive_float
+from gensynth.imaging import to_uint8
+from gensynth.models.prior import CodePrior, sample_codes
+from gensynth.models.vqvae import VQVAE
+
+# The functions below are what the trainer draws its grids with, too, so an export reproduces its run's
+# grids bit for bit (on the same device type).
+
+
+@torch.no_grad()
+def prior_images(prior: CodePrior, decoder: VQVAE, labels: torch.Tensor, generator: torch.Generator,
+                 temperature: float, top_k: int, height: int, width: int) -> torch.Tensor:
+    """Codes drawn from the prior for `labels`, decoded by the VQ-VAE: uint8 [n, C, height, width]."""
+    codes = sample_codes(prior, labels, generator, temperature, top_k)
+    grids = codes.view(len(labels), decoder.grid, decoder.grid).to(decoder.quantizer.embed.device)
+    was_training = decoder.training
+    decoder.eval()
+    images = to_uint8(decoder.decode(grids), height, width).cpu()
+    decoder.train(was_training)
+    return images
+
+
+class PriorSampler(Sampler):
+    """The prior over a VQ-VAE's codes with the VQ-VAE's decoder and codebook bundled in the same export."""
+
+    OPTIONS = {"temperature": (1.0, "divide the prior's logits by T before each draw: < 1 sharper, > 1 more "
+                               "varied"),
+               "top_k": (0, "draw each code among the k most likely only (Fan et al. 2018); 0 = all codes")}
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device):
+        super().__init__(tensors, config, device)
+        self.prior = CodePrior(**config["architecture"])
+        self.prior.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("prior.")})
+        self.decoder = VQVAE(**config["vqvae"]["architecture"])
+        self.decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("vqvae.")})
+        self.prior.to(self.device).eval()
+        self.decoder.to(self.device).eval()
+
+    def resolve_options(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        options["temperature"] = positive_float("temperature", options["temperature"])
+        top_k = options["top_k"]
+        if isinstance(top_k, float) and top_k.is_integer():
+            top_k = int(top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise UsageError(f"top_k={top_k!r}: must be a whole number >= 0 (0 = all codes)")
+        options["top_k"] = top_k
+        return options
+
+    def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
+        return prior_images(self.prior, self.decoder, labels, generator, options["temperature"], options["top_k"],
+                            self.height, self.width)

@@ -1,0 +1,46 @@
+"""The VAE's sampler: decoder means of latent noise, with a temperature."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gensynth.families.sampling import Sampler, positive_float
+from gensynth.imaging import to_uint8
+from gensynth.models.vae import VAE
+
+# The functions below are what the trainer draws its grids with, too, so an export reproduces its run's
+# grids bit for bit (on the same device type).
+
+
+@torch.no_grad()
+def vae_images(vae: VAE, labels: torch.Tensor, generator: torch.Generator, temperature: float, height: int,
+               width: int) -> torch.Tensor:
+    """Decoder means of z ~ N(0, temperature^2 I) for `labels`: uint8 [n, C, height, width]."""
+    device = vae.log_sigma.device
+    z = torch.randn(len(labels), vae.latent_dim, generator=generator) * temperature
+    was_training = vae.training
+    vae.eval()
+    images = to_uint8(vae.decode(z.to(device), labels.to(device)), height, width).cpu()
+    vae.train(was_training)
+    return images
+
+
+class VAESampler(Sampler):
+    OPTIONS = {"temperature": (1.0, "scale of the latent noise, z ~ N(0, T^2 I): < 1 trades variety for "
+                               "fidelity")}
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device):
+        super().__init__(tensors, config, device)
+        self.vae = VAE(**config["architecture"])
+        self.vae.load_state_dict(tensors)
+        self.vae.to(self.device).eval()
+
+    def resolve_options(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        options["temperature"] = positive_float("temperature", options["temperature"])
+        return options
+
+    def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
+        return vae_images(self.vae, labels, generator, options["temperature"], self.height, self.width)
