@@ -23,7 +23,7 @@ The measurements alternate (one of each, `--repeats` times) so that load from ot
 shared machine falls on all of them alike; the best of the repeats is kept (the least disturbed).
 Each pass is also timed in CPU-seconds of all its processes (main + workers, from getrusage):
 samples per CPU-second are less sensitive to other load than wall clock, and are reported beside
-it. Every pass checks that it saw all samples. Goals (issue 2), on wall clock: gensynth >= 0.9 x
+it. Every pass checks that it saw all samples. Goals, on wall clock: gensynth >= 0.9 x
 limit, >= 2 x hf_streaming, and npy faster than gensynth.
 """
 

@@ -288,7 +288,7 @@ def main() -> int:
         f"AdamW {cfg.classifier_lr:g} cosine, shifts <= 2 px; CAS: {args.num} synthetic vs {args.num} real, 1 seed; "
         f"augmentation: {args.seeds} seeds, synthetic share of each batch {cfg.synthetic_fraction}, synthetic loss "
         f"weight {cfg.synthetic_weight}, filter {cfg.synthetic_filter}, {args.num_k} synthetic samples",
-        "goals (issue 7): CAS >= 0.85 x real; augmentation gain >= +1.0 point at K = 10 and 50; near-copies < 1%",
+        "goals: CAS >= 0.85 x real; augmentation gain >= +1.0 point at K = 10 and 50; near-copies < 1%",
     ]
     print("\n".join(["", *protocol, "", *table(rows)]))
     if args.json:

@@ -135,7 +135,7 @@ class EvalConfig:
     seeds: int = option(3, "seeds of every augmentation-gain configuration (mean and spread are reported)", min=1)
     synthetic_fraction: float = option(0.5, "augmentation: share of each batch drawn from the synthetic set (the "
                                        "rest is real); pooling naively made it ~91% and lost 3.85 points "
-                                       "(notes/offline-data.md)", min=0.0, max=1.0)
+                                       "(docs/offline.md)", min=0.0, max=1.0)
     synthetic_weight: float = option(1.0, "augmentation: loss weight of a synthetic sample (a real one weighs 1)",
                                      min=0.0)
     synthetic_filter: str = option("none", "augmentation: none, or agree = keep only the synthetic samples that a "

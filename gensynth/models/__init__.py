@@ -1,1 +1,1 @@
-"""Networks only: no training logic (DESIGN.md, "Layout")."""
+"""Networks only: no training logic (the README's Layout)."""

@@ -50,7 +50,7 @@ class TrainingDiverged(GensynthError):
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this config; `cpu=` is always explicit (otherwise, under a multi-process
-    launch on CPU, each process would silently train alone: notes/stack-pitfalls.md)."""
+    launch on CPU, each process would silently train alone: docs/pitfalls.md)."""
     t = cfg.train
     cuda = torch.cuda.is_available()
     if t.device == "cuda" and not cuda:
