@@ -17,14 +17,18 @@ import numpy as np
 import pytest
 import torch
 
+from gensynth.config import EvalConfig
 from gensynth.errors import UsageError
+from gensynth.evaluate.sets import load_image_set
 from gensynth.export import load_export
 from gensynth.families import load_sampler
 from gensynth.families.prior.sampler import PriorSampler
+from gensynth.families.sampling import NoReconstruction
 from gensynth.families.vae.sampler import VAESampler
 from gensynth.families.vqvae.sampler import VQVAESampler
 from gensynth.families.vqvae.trainer import grid_images, reconstruction_grid
 from gensynth.imaging import image_grid
+from gensynth.reconstruction import reconstruction_figures
 from gensynth.train.checkpoint import latest_checkpoint
 from tests.conftest import free_port, write_shard_set
 from tests.helpers import (
@@ -105,7 +109,8 @@ def test_vqvae_logs_codebook_figures_heldout_quality_and_reconstruction_grids(vq
     acc = events(run)
     scalars = set(acc.Tags()["scalars"])
     for tag in ("loss/recon", "loss/commitment", "vq/usage", "vq/perplexity", "vq/restarted", "vq/restarts_total",
-                "eval/mse", "eval/psnr", "eval/ssim", "eval/code_usage", "eval/code_perplexity", "grad_norm", "lr"):
+                "eval/mse_01", "eval/psnr", "eval/ssim", "eval/codebook_used_fraction", "eval/codebook_perplexity",
+                "grad_norm", "lr"):
         assert tag in scalars, tag
     assert "eval/variety" not in scalars, "a VQ-VAE alone does not generate"
     assert [e.step for e in acc.Scalars("eval/psnr")] == [10, 20, 30]
@@ -127,10 +132,12 @@ def test_vqvae_export_reproduces_the_reconstruction_grid_and_refuses_to_sample(v
     sampler = load_sampler(run)
     assert isinstance(sampler, VQVAESampler) and sampler.classes == [f"c{i}" for i in range(10)]
     inputs = grid_images(toy["test"], 1, 10, seed=0)
-    grid = reconstruction_grid(inputs, sampler.reconstruct(inputs), 10)
+    recon = sampler.reconstruct(inputs, torch.arange(10))
+    grid = reconstruction_grid(inputs, recon.images, 10)
     assert np.array_equal(grid, last_grid(run, "reconstructions"))
     codes = sampler.encode(inputs)
     assert codes.shape == (10, 4, 4) and codes.dtype == torch.int64 and int(codes.max()) < 16
+    assert torch.equal(recon.codes, codes) and sampler.codebook_size == 16
     with pytest.raises(UsageError, match="train the prior"):
         sampler.sample(torch.arange(3), torch.Generator().manual_seed(0))
 
@@ -235,6 +242,8 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/nll", "loss/bits_per_code", "lr", "eval/variety", "eval/mean_gap"} <= scalars
     shutil.rmtree(vq_copy)  # the prior's export carries the VQ-VAE's codebook and decoder
+    with pytest.raises(NoReconstruction, match="VQ-VAE export its codes came from"):  # but not its encoder
+        load_sampler(run).reconstruct(grid_images(toy["test"], 1, 10), torch.arange(10))
     assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
     tensors, config_json = load_export(run)
     assert {k.split(".")[0] for k in tensors} == {"prior", "vqvae"}
@@ -295,7 +304,51 @@ def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run
     assert missing.returncode == 2 and "needs prior.vqvae" in missing.stderr
 
 
+def evaluate_generated(run: Path, toy: dict[str, str], folder: Path) -> dict:
+    """`gensynth eval` (the library entry) of 30 samples generated from `run`, CAS off, a tiny extractor."""
+    from gensynth.evaluate import evaluate_synthetic
+    from gensynth.generate import generate
+
+    generate(str(run), str(folder / "synth"), num=30, shard_size=30)
+    cfg = EvalConfig(cache=str(Path(toy["root"]) / "extractors"), extractor_epochs=1.0, num=30, kid_subset=10,
+                     kid_subsets=2, seeds=1, classifier_steps=5, cas=False)
+    evaluate_synthetic(str(folder / "synth"), toy["test"], train=toy["train"], report=str(folder / "report"), cfg=cfg)
+    return json.loads((folder / "report" / "metrics.json").read_text())
+
+
+def test_eval_of_a_prior_set_reports_its_vqvaes_reconstruction_figures_as_training_measured_them(
+        toy, vqvae_run, tmp_path):
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"),
+                                prior__vqvae=str(vqvae_run["run"]), train__steps=5, train__eval_every=0)
+    train_ok(config)
+    rec = evaluate_generated(run_dir(config), toy, tmp_path)["reconstruction"]
+    assert rec["images"] == 25 and rec["codebook_size"] == 16, rec  # all real test images, the VQ-VAE's codebook
+    assert 0 < rec["mse_01"] < 0.5 and 0 < rec["psnr"] < 100 and 0 < rec["ssim"] <= 1
+    assert 0 < rec["codebook_used_fraction"] <= 1 and 1 <= rec["codebook_perplexity"] <= 16
+    # one convention: the VQ-VAE's held-out figures (first eval.heldout_samples=20 test images) are the same
+    # function of the export's reconstructions
+    test = load_image_set(toy["test"])
+    sampler = load_sampler(vqvae_run["run"])
+    again = sampler.reconstruct(test.images[:20], test.labels[:20])
+    expected = reconstruction_figures(test.images[:20], again.images, again.codes, 16)
+    heldout = load_export(vqvae_run["run"])[1]["heldout"]
+    for key in ("mse_01", "psnr", "ssim", "codebook_used_fraction", "codebook_perplexity"):
+        assert heldout[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
 # -- VAE
+
+
+def test_eval_of_a_vae_set_reports_reconstruction_figures(toy, tmp_path):
+    config = tiny_family_config(tmp_path, toy, "vae", train__steps=20, train__eval_every=0)
+    train_ok(config)
+    rec = evaluate_generated(run_dir(config), toy, tmp_path)["reconstruction"]
+    assert rec["images"] == 25 and "codebook_size" not in rec, rec  # no codebook
+    assert 0 < rec["mse_01"] < 0.5 and 0 < rec["psnr"] < 100 and -1 <= rec["ssim"] <= 1
+    test = load_image_set(toy["test"])
+    recon = load_sampler(run_dir(config)).reconstruct(test.images, test.labels)
+    assert recon.codes is None and rec["mse_01"] == reconstruction_figures(test.images, recon.images)["mse_01"]
+    assert reconstruction_figures(test.images, test.images)["mse_01"] == 0.0
 
 
 def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_samples(toy, tmp_path):
