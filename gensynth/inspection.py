@@ -84,6 +84,7 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     from gensynth.export import CONFIG as EXPORT_CONFIG  # torch and accelerate: imported only for runs
     from gensynth.export import WEIGHTS, ExportError, load_export, read_export_config
     from gensynth.train.checkpoint import CheckpointError, complete_checkpoints, verify_checkpoint
+    from gensynth.train.tracking import grid_files
 
     try:
         cfg = yaml.safe_load((folder / RUN_CONFIG).read_text()) or {}
@@ -135,8 +136,8 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
                 lines.append(f"verify     FAILED: {e}")
     else:
         lines.append("export     none yet (written at the end of training)")
-    grids = sorted((folder / "samples").glob("samples-step-*.png"))
-    newest = f", newest {folder / 'samples' / grids[-1].name}" if grids else ""
+    grids = grid_files(folder / "samples")
+    newest = f", newest {grids[-1]}" if grids else ""
     lines.append(f"samples    {len(grids)} grids{newest}")
     if (folder / "tb").is_dir():
         lines.append(f"tensorboard tensorboard --logdir {folder / 'tb'}")

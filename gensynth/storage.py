@@ -14,7 +14,6 @@ import itertools
 import os
 import re
 import secrets
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,11 +234,6 @@ def sha256_of(url: str) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
-
-
-def copy_local(src: str, dst: str) -> None:
-    with open_read(src) as f, atomic_write(dst) as out:
-        shutil.copyfileobj(f, out, 1 << 20)
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -4,7 +4,6 @@ toy shard sets (seconds), its refusals, and its report rendered in headless Chro
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -25,7 +24,6 @@ from gensynth.evaluate import fidelity
 from gensynth.evaluate.classifier import Pool, Recipe, random_shift, train_classifier
 from gensynth.evaluate.extractor import resolve_extractor
 from gensynth.evaluate.memorisation import memorisation
-from gensynth.evaluate.reconstruction import codebook_usage, mse, psnr, reconstruction_metrics, ssim
 from gensynth.evaluate.sets import load_image_set
 from gensynth.evaluate.synthetic import evaluate_synthetic
 from gensynth.evaluate.usefulness import UsefulnessProtocol, augmentation_gain, check_generator_saw_only
@@ -193,54 +191,6 @@ def test_memorisation_flags_a_synthetic_set_made_of_copied_training_images():
     assert torch.equal(train[exact.train_index[first]], copies[first])  # ...and the pair found is the source
     novel = memorisation(fresh, train, test)
     assert novel.near_copy_fraction < 0.1 and novel.near_copy_fraction <= novel.real_floor_fraction + 0.05
-
-
-# ---------------------------------------------------------------------------------------------- reconstruction
-
-
-def test_mse_psnr_ssim_against_known_values():
-    a = torch.full((2, 1, 16, 16), 100, dtype=torch.uint8)
-    b = torch.full((2, 1, 16, 16), 110, dtype=torch.uint8)
-    assert mse(a, b) == 100.0
-    assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / 100))
-    assert mse(a, a) == 0.0 and psnr(a, a) == 100.0 and ssim(a, a) == pytest.approx(1.0)
-    c1 = (0.01 * 255) ** 2  # constant images: only the luminance term of SSIM is left
-    assert ssim(a, b) == pytest.approx((2 * 100 * 110 + c1) / (100 ** 2 + 110 ** 2 + c1))
-
-
-def test_ssim_matches_a_direct_scipy_gaussian_filter_computation():
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, size=(24, 20)).astype(np.float64)
-    y = np.clip(x + rng.normal(0, 25, size=x.shape), 0, 255).round()
-
-    def blur(t):  # sigma 1.5 truncated at 3.5 sigma = the 11x11 window; keep the valid region only
-        return scipy.ndimage.gaussian_filter(t, 1.5, truncate=3.5)[5:-5, 5:-5]
-
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    direct = (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean()
-    tx = torch.from_numpy(x).to(torch.uint8)[None, None]
-    ty = torch.from_numpy(y).to(torch.uint8)[None, None]
-    assert ssim(tx, ty) == pytest.approx(direct, rel=1e-9)
-
-
-def test_codebook_usage_and_the_reconstruction_hook():
-    assert codebook_usage(torch.arange(8).repeat(5), 8) == {"used_fraction": 1.0, "perplexity": pytest.approx(8.0),
-                                                            "codebook_size": 8}
-    assert codebook_usage(torch.zeros(40, dtype=torch.long), 8)["perplexity"] == pytest.approx(1.0)
-    assert codebook_usage(torch.tensor([0, 1]), 8)["used_fraction"] == 0.25
-
-    class Halving:  # a family sampler that reconstructs by halving every pixel, with 2 codes per image
-        codebook_size = 4
-
-        def reconstruct(self, images):
-            return images // 2, torch.zeros(len(images), 2, dtype=torch.long)
-
-    images = torch.full((3, 1, 12, 12), 200, dtype=torch.uint8)
-    out = reconstruction_metrics(Halving(), images)
-    assert out["mse"] == 100.0 ** 2 and out["codebook_used_fraction"] == 0.25 and out["images"] == 3
-    assert reconstruction_metrics(object(), images) is None  # a GAN: no reconstruct, not asked
 
 
 # ---------------------------------------------------------------------------------------------- classifier, extractor

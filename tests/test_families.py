@@ -16,20 +16,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from gensynth.data.codec import decode_png
+from gensynth.config import EvalConfig
 from gensynth.errors import UsageError
+from gensynth.evaluate.sets import load_image_set
 from gensynth.export import load_export
 from gensynth.families import load_sampler
 from gensynth.families.prior.sampler import PriorSampler
+from gensynth.families.sampling import NoReconstruction
 from gensynth.families.vae.sampler import VAESampler
 from gensynth.families.vqvae.sampler import VQVAESampler
 from gensynth.families.vqvae.trainer import grid_images, reconstruction_grid
 from gensynth.imaging import image_grid
+from gensynth.reconstruction import reconstruction_figures
 from gensynth.train.checkpoint import latest_checkpoint
 from tests.conftest import free_port, write_shard_set
-from tests.test_train import gensynth, kill9_after_checkpoint, launch_cmd, rank_state, run_dir, run_launches
+from tests.helpers import (
+    gensynth,
+    kill9_after_checkpoint,
+    last_grid,
+    launch_cmd,
+    rank_state,
+    run_dir,
+    run_launches,
+    tiny_family_config,
+    train_ok,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,40 +50,6 @@ def toy(tmp_path_factory) -> dict[str, str]:
     write_shard_set(root / "train", [40, 33, 30])
     write_shard_set(root / "test", [25], split="test")
     return {"train": str(root / "train"), "test": str(root / "test"), "root": str(root)}
-
-
-def tiny_config(folder: Path, toy: dict[str, str], family: str, **overrides) -> Path:
-    cfg = {
-        "run": {"name": family, "root": str(folder / "runs"), "seed": 0},
-        "data": {"train": toy["train"], "mode": "resampled", "num_workers": 0, "shuffle_buffer": 16},
-        "model": {"family": family, "resolution": 8},
-        "train": {"steps": 20, "batch_size": 8, "log_every": 5, "sample_every": 10, "checkpoint_every": 10,
-                  "eval_every": 10, "threads": 1},
-        "eval": {"num_samples": 30, "heldout_samples": 20},
-        "vqvae": {"base_channels": 8, "max_channels": 16, "downsamples": 1, "res_blocks": 1, "embed_dim": 8,
-                  "codebook_size": 16, "kmeans_iters": 2, "restart_after": 3, "usage_window": 3, "usage_warn": 0.0,
-                  "grid_per_class": 1},
-        "prior": {"width": 16, "layers": 1, "heads": 2, "warmup_steps": 5, "extract_batch_size": 32},
-        "vae": {"latent_dim": 4, "base_channels": 8, "max_channels": 16, "downsamples": 1, "kl_warmup_steps": 10},
-    }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{family}-{len(list(folder.glob(f'{family}-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def train_ok(config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    done = gensynth("train", str(config), *overrides)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
-def last_grid(run: Path, name: str) -> np.ndarray:
-    path = sorted((run / "samples").glob(f"{name}-step-*.png"))[-1]
-    return decode_png(path.read_bytes())
 
 
 def events(run: Path):
@@ -86,7 +64,7 @@ def events(run: Path):
 def vqvae_run(toy, tmp_path_factory) -> dict:
     """A tiny trained VQ-VAE, with held-out evaluation on the toy test split."""
     folder = tmp_path_factory.mktemp("vqvae")
-    config = tiny_config(folder, toy, "vqvae", data__test=toy["test"], train__steps=30)
+    config = tiny_family_config(folder, toy, "vqvae", data__test=toy["test"], train__steps=30)
     done = train_ok(config)
     return {"config": config, "run": run_dir(config), "stderr": done.stderr}
 
@@ -116,9 +94,9 @@ def assert_bitwise_equal_runs(a: Path, b: Path) -> None:
 def test_vqvae_kill9_then_resume_equals_an_uninterrupted_run(toy, tmp_path):
     steps = 200
     kw = dict(train__steps=steps, train__checkpoint_every=20, train__eval_every=0, train__sample_every=1000)
-    reference = tiny_config(tmp_path / "a", toy, "vqvae", **kw)
+    reference = tiny_family_config(tmp_path / "a", toy, "vqvae", **kw)
     train_ok(reference)
-    killed = tiny_config(tmp_path / "b", toy, "vqvae", **kw)
+    killed = tiny_family_config(tmp_path / "b", toy, "vqvae", **kw)
     kill_after_a_checkpoint_then_resume(killed, steps)
     # bitwise: encoder, decoder and the whole codebook state (EMA counts and sums, usage, restarts)
     assert_bitwise_equal_runs(run_dir(reference), run_dir(killed))
@@ -131,7 +109,8 @@ def test_vqvae_logs_codebook_figures_heldout_quality_and_reconstruction_grids(vq
     acc = events(run)
     scalars = set(acc.Tags()["scalars"])
     for tag in ("loss/recon", "loss/commitment", "vq/usage", "vq/perplexity", "vq/restarted", "vq/restarts_total",
-                "eval/mse", "eval/psnr", "eval/ssim", "eval/code_usage", "eval/code_perplexity", "grad_norm", "lr"):
+                "eval/mse_01", "eval/psnr", "eval/ssim", "eval/codebook_used_fraction", "eval/codebook_perplexity",
+                "grad_norm", "lr"):
         assert tag in scalars, tag
     assert "eval/variety" not in scalars, "a VQ-VAE alone does not generate"
     assert [e.step for e in acc.Scalars("eval/psnr")] == [10, 20, 30]
@@ -153,17 +132,19 @@ def test_vqvae_export_reproduces_the_reconstruction_grid_and_refuses_to_sample(v
     sampler = load_sampler(run)
     assert isinstance(sampler, VQVAESampler) and sampler.classes == [f"c{i}" for i in range(10)]
     inputs = grid_images(toy["test"], 1, 10, seed=0)
-    grid = reconstruction_grid(inputs, sampler.reconstruct(inputs), 10)
+    recon = sampler.reconstruct(inputs, torch.arange(10))
+    grid = reconstruction_grid(inputs, recon.images, 10)
     assert np.array_equal(grid, last_grid(run, "reconstructions"))
     codes = sampler.encode(inputs)
     assert codes.shape == (10, 4, 4) and codes.dtype == torch.int64 and int(codes.max()) < 16
+    assert torch.equal(recon.codes, codes) and sampler.codebook_size == 16
     with pytest.raises(UsageError, match="train the prior"):
         sampler.sample(torch.arange(3), torch.Generator().manual_seed(0))
 
 
 def test_collapse_guard_warns_when_codebook_usage_falls_below_the_threshold(toy, tmp_path):
     # 2x2 codes per 8x8 image, 8 images a batch: a 2-batch window sees at most 64 of 256 codes, usage <= 25%
-    config = tiny_config(tmp_path, toy, "vqvae", model__resolution=8, vqvae__downsamples=2,
+    config = tiny_family_config(tmp_path, toy, "vqvae", model__resolution=8, vqvae__downsamples=2,
                          vqvae__codebook_size=256, vqvae__usage_window=2, vqvae__restart_after=0,
                          vqvae__usage_warn=0.5, train__steps=10, train__eval_every=0)
     done = train_ok(config)
@@ -175,7 +156,7 @@ def test_collapse_guard_warns_when_codebook_usage_falls_below_the_threshold(toy,
 @pytest.mark.multiprocess
 def test_codebooks_identical_across_two_gloo_processes(toy, tmp_path):
     # 256 codes for 256 encoder outputs a step (both ranks): some go unused, so restarts happen too
-    config = tiny_config(tmp_path, toy, "vqvae", train__steps=12, train__checkpoint_every=6, train__eval_every=0,
+    config = tiny_family_config(tmp_path, toy, "vqvae", train__steps=12, train__checkpoint_every=6, train__eval_every=0,
                          vqvae__codebook_size=256, vqvae__restart_after=2, vqvae__usage_window=2)
     results = run_launches([launch_cmd(config, port=free_port())])
     assert results[0].returncode == 0, results[0].stdout[-4000:]
@@ -241,10 +222,10 @@ def test_prior_kill9_then_resume_equals_an_uninterrupted_run(toy, vqvae_run, tmp
     codes = tmp_path / "codes"
     kw = dict(train__steps=steps, train__checkpoint_every=20, train__eval_every=0, train__sample_every=1000,
               data__train=str(codes), prior__vqvae=str(vqvae_run["run"]), prior__images=toy["train"])
-    reference = tiny_config(tmp_path / "a", toy, "prior", **kw)
+    reference = tiny_family_config(tmp_path / "a", toy, "prior", **kw)
     first = train_ok(reference)
     assert "extracting codes" in first.stderr
-    killed = tiny_config(tmp_path / "b", toy, "prior", **kw)
+    killed = tiny_family_config(tmp_path / "b", toy, "prior", **kw)
     _, resumed = kill_after_a_checkpoint_then_resume(killed, steps)
     assert "reusing the code shards" in resumed.stderr and "extracting codes" not in resumed.stderr
     assert_bitwise_equal_runs(run_dir(reference), run_dir(killed))
@@ -253,7 +234,7 @@ def test_prior_kill9_then_resume_equals_an_uninterrupted_run(toy, vqvae_run, tmp
 def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqvae_run, tmp_path):
     vq_copy = tmp_path / "vq"
     shutil.copytree(vqvae_run["run"] / "export", vq_copy / "export")
-    config = tiny_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=str(vq_copy),
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=str(vq_copy),
                          train__steps=20)
     train_ok(config)
     run = run_dir(config)
@@ -261,6 +242,8 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/nll", "loss/bits_per_code", "lr", "eval/variety", "eval/mean_gap"} <= scalars
     shutil.rmtree(vq_copy)  # the prior's export carries the VQ-VAE's codebook and decoder
+    with pytest.raises(NoReconstruction, match="VQ-VAE export its codes came from"):  # but not its encoder
+        load_sampler(run).reconstruct(grid_images(toy["test"], 1, 10), torch.arange(10))
     assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors"]
     tensors, config_json = load_export(run)
     assert {k.split(".")[0] for k in tensors} == {"prior", "vqvae"}
@@ -291,7 +274,7 @@ def test_prior_synthetic_set_names_the_images_it_learnt_from_for_memorisation_an
     from gensynth.generate import generate
 
     codes = tmp_path / "codes"
-    config = tiny_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]),
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]),
                          prior__images=toy["train"], train__steps=10, train__eval_every=0)
     train_ok(config)
     data = load_export(run_dir(config))[1]["data"]
@@ -314,18 +297,62 @@ def test_prior_synthetic_set_names_the_images_it_learnt_from_for_memorisation_an
 def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run, tmp_path):
     codes = tmp_path / "codes"
     write_shard_set(codes, [10])  # something else already lives where the codes would go
-    config = tiny_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]))
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]))
     done = gensynth("train", str(config))
     assert done.returncode == 2 and "remove it or set data.train" in done.stderr and "Traceback" not in done.stderr
     missing = gensynth("train", str(config), "prior.vqvae=")
     assert missing.returncode == 2 and "needs prior.vqvae" in missing.stderr
 
 
+def evaluate_generated(run: Path, toy: dict[str, str], folder: Path) -> dict:
+    """`gensynth eval` (the library entry) of 30 samples generated from `run`, CAS off, a tiny extractor."""
+    from gensynth.evaluate import evaluate_synthetic
+    from gensynth.generate import generate
+
+    generate(str(run), str(folder / "synth"), num=30, shard_size=30)
+    cfg = EvalConfig(cache=str(Path(toy["root"]) / "extractors"), extractor_epochs=1.0, num=30, kid_subset=10,
+                     kid_subsets=2, seeds=1, classifier_steps=5, cas=False)
+    evaluate_synthetic(str(folder / "synth"), toy["test"], train=toy["train"], report=str(folder / "report"), cfg=cfg)
+    return json.loads((folder / "report" / "metrics.json").read_text())
+
+
+def test_eval_of_a_prior_set_reports_its_vqvaes_reconstruction_figures_as_training_measured_them(
+        toy, vqvae_run, tmp_path):
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"),
+                                prior__vqvae=str(vqvae_run["run"]), train__steps=5, train__eval_every=0)
+    train_ok(config)
+    rec = evaluate_generated(run_dir(config), toy, tmp_path)["reconstruction"]
+    assert rec["images"] == 25 and rec["codebook_size"] == 16, rec  # all real test images, the VQ-VAE's codebook
+    assert 0 < rec["mse_01"] < 0.5 and 0 < rec["psnr"] < 100 and 0 < rec["ssim"] <= 1
+    assert 0 < rec["codebook_used_fraction"] <= 1 and 1 <= rec["codebook_perplexity"] <= 16
+    # one convention: the VQ-VAE's held-out figures (first eval.heldout_samples=20 test images) are the same
+    # function of the export's reconstructions
+    test = load_image_set(toy["test"])
+    sampler = load_sampler(vqvae_run["run"])
+    again = sampler.reconstruct(test.images[:20], test.labels[:20])
+    expected = reconstruction_figures(test.images[:20], again.images, again.codes, 16)
+    heldout = load_export(vqvae_run["run"])[1]["heldout"]
+    for key in ("mse_01", "psnr", "ssim", "codebook_used_fraction", "codebook_perplexity"):
+        assert heldout[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
 # -- VAE
 
 
+def test_eval_of_a_vae_set_reports_reconstruction_figures(toy, tmp_path):
+    config = tiny_family_config(tmp_path, toy, "vae", train__steps=20, train__eval_every=0)
+    train_ok(config)
+    rec = evaluate_generated(run_dir(config), toy, tmp_path)["reconstruction"]
+    assert rec["images"] == 25 and "codebook_size" not in rec, rec  # no codebook
+    assert 0 < rec["mse_01"] < 0.5 and 0 < rec["psnr"] < 100 and -1 <= rec["ssim"] <= 1
+    test = load_image_set(toy["test"])
+    recon = load_sampler(run_dir(config)).reconstruct(test.images, test.labels)
+    assert recon.codes is None and rec["mse_01"] == reconstruction_figures(test.images, recon.images)["mse_01"]
+    assert reconstruction_figures(test.images, test.images)["mse_01"] == 0.0
+
+
 def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_samples(toy, tmp_path):
-    config = tiny_config(tmp_path, toy, "vae", data__test=toy["test"], train__steps=20, vae__sigma=0.0)
+    config = tiny_family_config(tmp_path, toy, "vae", data__test=toy["test"], train__steps=20, vae__sigma=0.0)
     train_ok(config)
     run = run_dir(config)
     acc = events(run)

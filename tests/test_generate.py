@@ -23,14 +23,9 @@ from gensynth.data.stream import ShardLoader
 from gensynth.data.tario import iter_samples
 from gensynth.generate import class_counts, interleaved_labels
 from tests.conftest import REPO, free_port, subprocess_env
+from tests.helpers import TIMEOUT_S, gensynth
 
-TIMEOUT_S = 300
 PER_CLASS = [30, 0, 25, 5, 10, 10, 10, 5, 5, 3]  # 103 samples, class 1 left out on purpose
-
-
-def gensynth(*args: str, timeout: float = TIMEOUT_S, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gensynth", *args], env=subprocess_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def tree(folder: Path) -> dict[str, str]:

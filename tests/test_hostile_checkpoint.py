@@ -22,7 +22,7 @@ from gensynth.cli import main
 from gensynth.export import ExportError, load_export, read_export_config
 from gensynth.train.checkpoint import COMPLETE, latest_checkpoint
 from tests.conftest import IN_CI, subprocess_env, write_shard_set
-from tests.test_train import run_dir, tiny_config
+from tests.helpers import one_line_error, run_dir, tiny_config
 
 
 class Payload:
@@ -45,13 +45,6 @@ def vouch(checkpoint: Path) -> None:
     listed = json.loads((checkpoint / COMPLETE).read_text())
     listed["files"] = {name: hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() for name in listed["files"]}
     (checkpoint / COMPLETE).write_text(json.dumps(listed))
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert "Traceback" not in err, err[-3000:]
-    assert lines, "no error message"
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

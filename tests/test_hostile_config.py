@@ -11,7 +11,7 @@ import pytest
 from gensynth.cli import main
 from gensynth.errors import ConfigError
 from gensynth.families import load_run_config
-from tests.test_hostile_checkpoint import one_line_error
+from tests.helpers import one_line_error
 
 
 @pytest.mark.parametrize("override,allowed", [

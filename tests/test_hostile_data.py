@@ -24,13 +24,9 @@ from gensynth.data.codec import MAX_IMAGE_PIXELS, PNG_SIGNATURE
 from gensynth.data.stream import CorruptDataError, ShardLoader
 from gensynth.data.tario import TarShardWriter, iter_samples
 from tests.conftest import subprocess_env, write_shard_set
+from tests.helpers import gensynth
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def gensynth(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gensynth", *args], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
 
 
 def one_line(text: str) -> str:

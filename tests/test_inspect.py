@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 
 from gensynth.cli import main
+from tests.conftest import write_shard_set
+from tests.helpers import run_dir, tiny_family_config, train_ok
 
 
 def test_inspect_a_run_directory_and_verify_its_export(tiny_gan, tmp_path, capsys):
@@ -42,3 +44,19 @@ def test_inspect_a_run_without_export_or_checkpoints(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "checkpoints none complete (a rerun starts from step 0)" in text
     assert "export     none yet" in text and "samples    0 grids" in text
+
+
+def test_inspect_counts_the_grids_of_every_family(tmp_path, capsys):
+    """A VQ-VAE saves reconstructions-step-*.png, not samples-step-*.png: inspect finds them (and any grid_name)."""
+    write_shard_set(tmp_path / "train", [40, 33, 30])
+    config = tiny_family_config(tmp_path, {"train": str(tmp_path / "train")}, "vqvae", train__steps=20,
+                                train__eval_every=0)
+    train_ok(config)
+    run = run_dir(config)
+    assert main(["inspect", str(run)]) == 0
+    newest = run / "samples" / "reconstructions-step-00000020.png"
+    assert f"samples    2 grids, newest {newest}" in capsys.readouterr().out
+    (run / "samples" / "mine-step-00000030.png").write_bytes(newest.read_bytes())  # a family of one's own
+    (run / "samples" / "notes.png").write_bytes(b"")  # not a grid
+    assert main(["inspect", str(run)]) == 0
+    assert f"samples    3 grids, newest {run / 'samples' / 'mine-step-00000030.png'}" in capsys.readouterr().out

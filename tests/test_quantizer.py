@@ -1,15 +1,13 @@
 """The vector quantizer in one process: EMA codebook updates, dead-code restart, k-means initialisation,
-straight-through gradients, factorized and cosine codebooks; and the reconstruction metrics."""
+straight-through gradients, factorized and cosine codebooks. (Reconstruction metrics and codebook usage:
+tests/test_reconstruction.py.)"""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from gensynth.families.vqvae.reconstruction import mse, psnr, ssim
-from gensynth.models.quantizer import VectorQuantizer, kmeans, perplexity
+from gensynth.models.quantizer import VectorQuantizer, kmeans
 
 
 def as_map(rows: torch.Tensor) -> torch.Tensor:
@@ -128,32 +126,3 @@ def test_factorized_cosine_codebook():
     assert z.grad is not None and z.grad.abs().sum() > 0
     assert q.project_in.weight.grad is not None and q.project_out.weight.grad is not None
     torch.testing.assert_close(q.lookup(out.codes), q.eval()(z).quantized)
-
-
-def test_perplexity_counts_equally_likely_codes():
-    assert perplexity(torch.tensor([0, 1, 2, 3] * 5), 16) == pytest.approx(4.0)
-    assert perplexity(torch.zeros(10, dtype=torch.long), 16) == pytest.approx(1.0)
-
-
-# -- reconstruction metrics
-
-def test_mse_and_psnr_of_known_differences():
-    a = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
-    b = a.clone()
-    b[0] = 51  # 0.2 everywhere: MSE 0.04, PSNR 10 log10(25)
-    assert mse(a, b).tolist() == pytest.approx([0.04, 0.0])
-    assert psnr(a, b).tolist() == pytest.approx([10 * math.log10(25), 100.0])
-
-
-def test_ssim_identity_constants_and_noise():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
-    assert ssim(x, x).tolist() == pytest.approx([1.0] * 3)
-    # constant images: SSIM = (2ab + C1) / (a^2 + b^2 + C1) (the structure term is C2 / C2)
-    a, b = torch.full((1, 1, 16, 16), 51, dtype=torch.uint8), torch.full((1, 1, 16, 16), 153, dtype=torch.uint8)
-    c1 = 0.01**2
-    assert float(ssim(a, b)) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1))
-    noisy = (x.float() + 40 * torch.randn(x.shape)).clamp(0, 255).to(torch.uint8)
-    noisier = (x.float() + 120 * torch.randn(x.shape)).clamp(0, 255).to(torch.uint8)
-    assert (ssim(x, noisy) < 1).all() and (ssim(x, noisier) < ssim(x, noisy)).all()
-    assert torch.allclose(ssim(x, noisy), ssim(noisy, x))

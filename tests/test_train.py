@@ -11,23 +11,28 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from gensynth.export import ExportError, load_export
 from gensynth.models.dcgan import Generator
-from gensynth.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint, read_part
+from gensynth.train.checkpoint import COMPLETE, latest_checkpoint, read_part
 from gensynth.train.signals import REQUEUE_EXIT_CODE
-from tests.conftest import free_port, write_shard_set
-
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 300
+from tests.conftest import free_port, subprocess_env, write_shard_set
+from tests.helpers import (
+    TIMEOUT_S,
+    gensynth,
+    kill9_after_checkpoint,
+    launch_cmd,
+    rank_state,
+    run_dir,
+    run_launches,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,60 +40,6 @@ def toy_data(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("train") / "toy"
     write_shard_set(folder, [40, 33, 30])
     return str(folder)
-
-
-def tiny_config(tmp_path: Path, data: str, **overrides) -> Path:
-    cfg = {
-        "run": {"name": "tiny", "root": str(tmp_path / "runs"), "seed": 0},
-        "data": {"train": data, "mode": "resampled", "num_workers": 0, "shuffle_buffer": 16},
-        "model": {"family": "gan", "resolution": 8},
-        "gan": {"z_dim": 16, "g_channels": 8, "d_channels": 8, "max_channels": 16, "ema_kimg": 0.1},
-        "train": {"steps": 30, "batch_size": 8, "log_every": 5, "sample_every": 10, "checkpoint_every": 10,
-                  "eval_every": 10, "threads": 1},
-        "eval": {"num_samples": 50},
-    }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / f"tiny-{len(list(tmp_path.glob('tiny-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-
-
-def gensynth(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gensynth", *args], env=env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_dir(config: Path) -> Path:
-    cfg = yaml.safe_load(config.read_text())
-    return Path(cfg["run"]["root"]) / cfg["run"]["name"]
-
-
-def rank_state(checkpoint: Path, rank: int = 0) -> dict:
-    return json.loads((checkpoint / f"rank{rank}.json").read_text())
-
-
-def kill9_after_checkpoint(config: Path, target: int) -> Path:
-    """Train `config` in a subprocess, kill -9 it once a complete checkpoint at or past step `target` exists;
-    return the latest complete checkpoint."""
-    proc = subprocess.Popen([sys.executable, "-m", "gensynth", "train", str(config)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run_dir(config) / "checkpoints"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not any(s >= target for s, _ in complete_checkpoints(ckpts)):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return latest_checkpoint(ckpts)
 
 
 def test_kill9_then_resume_equals_an_uninterrupted_run(toy_data, tmp_path):
@@ -225,31 +176,6 @@ def test_learning_rate_override_applies_on_resume(toy_data, tmp_path):
 
 # -- real torch.distributed (gloo) under accelerate launch
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def launch_cmd(config: Path, *overrides: str, machines: int = 1, machine_rank: int = 0, port: int) -> list[str]:
-    if machines == 1:
-        head = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-                "--main_process_port", str(port)]
-    else:
-        head = [*ACCELERATE, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
-    return [*head, "-m", "gensynth", "train", str(config), *overrides]
-
-
-def run_launches(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(c, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for c in commands]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail("a launch hung")
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs)]
-
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("machines", [1, 2], ids=["2proc", "2nodes"])
@@ -277,7 +203,7 @@ def children(pid: int) -> list[int]:
 def test_sigusr1_makes_both_ranks_save_and_exit_for_requeue_then_resume(toy_data, tmp_path):
     config = tiny_config(tmp_path, toy_data, train__steps=100000, train__log_every=1,
                          train__checkpoint_every=100000)
-    proc = subprocess.Popen(launch_cmd(config, port=free_port()), env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(launch_cmd(config, port=free_port()), env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -19,10 +19,8 @@ from gensynth.errors import ConfigError
 from gensynth.export import load_export
 from gensynth.families import get_family, load_run_config, load_sampler
 from gensynth.train.checkpoint import latest_checkpoint
-from tests.conftest import free_port, write_shard_set
-from tests.test_families import last_grid
-from tests.test_hostile_checkpoint import one_line_error
-from tests.test_train import env, gensynth, launch_cmd, rank_state, run_dir, run_launches
+from tests.conftest import free_port, subprocess_env, write_shard_set
+from tests.helpers import gensynth, last_grid, launch_cmd, one_line_error, rank_state, run_dir, run_launches
 from tests.userfamily import MeanImageFamily, MeanImageSampler
 
 FAMILY = "tests.userfamily:MeanImageFamily"
@@ -133,7 +131,7 @@ def test_trains_resumes_exactly_exports_generates_and_evaluates(toy, tmp_path):
         [sys.executable, "-m", "gensynth", "eval", str(synth), "--real", toy["test"], "--train", toy["train"],
          "--no-cas", "--num", "50", "--report", str(report), f"eval.cache={tmp_path / 'cache'}",
          "eval.extractor_epochs=1.0", "eval.kid_subset=20", "eval.kid_subsets=2", "eval.seeds=1",
-         "eval.classifier_steps=5"], env=env(), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+         "eval.classifier_steps=5"], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["protocol"]["evaluated_samples"] == 50

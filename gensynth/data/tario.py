@@ -31,15 +31,6 @@ class CorruptShard(Exception):
     """A tar header failed its checksum or could not be parsed."""
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """`dir/train-00000042.png` -> ("dir/train-00000042", "png"); WebDataset's rule."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:]
-
-
 def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
@@ -142,7 +133,7 @@ def iter_samples(f: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     fields: dict[str, bytes] = {}
     held = 0  # bytes of the current sample's members, headers included
     for name, data in iter_members(f):
-        dot = name.find(".", name.rfind("/") + 1)  # split_key, inlined: this loop runs per member
+        dot = name.find(".", name.rfind("/") + 1)  # WebDataset's rule: key = up to the first dot of the basename
         k, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
         if k != key:
             if key is not None:

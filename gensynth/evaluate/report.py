@@ -148,13 +148,14 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
             add(f"<p class='muted'>{what} not measured: {html.escape(str(u[key]['skipped']))}</p>")
     rec = metrics.get("reconstruction") or {}
     if "psnr" in rec:
-        rrows = [["MSE (uint8 units^2)", _fmt(rec["mse"]), ""], ["PSNR (dB)", _fmt(rec["psnr"]), ""],
+        rrows = [["MSE (pixels in [0, 1])", _fmt(rec["mse_01"], digits=5), ""], ["PSNR (dB)", _fmt(rec["psnr"]), ""],
                  ["SSIM", _fmt(rec["ssim"], digits=4), ""]]
         if "codebook_used_fraction" in rec:
             rrows += [["codebook used", _fmt(rec["codebook_used_fraction"], True), ""],
                       ["codebook perplexity", _fmt(rec["codebook_perplexity"], digits=1),
-                       f"of {rec['codebook_size']}"]]
-        add(f"<h3>Reconstruction of {rec['images']} real test images</h3>" + _table(["metric", "value", ""], rrows))
+                       f"of {int(rec['codebook_size'])}"]]
+        add(f"<h3>Reconstruction of {int(rec['images'])} real test images</h3>"
+            + _table(["metric", "value", ""], rrows))
     if metrics.get("inception"):
         inc = metrics["inception"]
         add("<h3>Standard Inception-v3 FID</h3>" + _table(["metric", "synthetic", "floor", ""], [

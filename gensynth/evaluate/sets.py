@@ -86,12 +86,6 @@ def matching_subset(pool: torch.Tensor, histogram: dict[int, int], seed: int, wh
     return np.sort(out)
 
 
-def balanced_histogram(classes: list[int], total: int) -> dict[int, int]:
-    """`total` samples spread evenly over `classes` (the first ones get one more when it does not divide)."""
-    base, extra = divmod(total, len(classes))
-    return {c: base + (1 if i < extra else 0) for i, c in enumerate(sorted(classes))}
-
-
 def scaled_histogram(histogram: dict[int, int], total: int) -> dict[int, int]:
     """The same class proportions, `total` samples in all (largest remainders get the rounding)."""
     whole = sum(histogram.values())

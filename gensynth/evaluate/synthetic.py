@@ -223,13 +223,14 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     return metrics
 
 
-def _reconstruction(prov: dict[str, Any], test: ImageSet) -> dict[str, Any]:
-    """The reconstruction hook (reconstruction.py) for families whose sampler can reconstruct."""
+def _reconstruction(prov: dict[str, Any], test: ImageSet, batch_size: int = 500) -> dict[str, Any]:
+    """gensynth.reconstruction's figures of the generator's reconstructions of the real test images, for
+    families whose sampler reconstructs (Sampler.reconstruct)."""
     export = (prov.get("export") or {}).get("path")
     if not export or not Path(export).exists():
         return {"skipped": "the generator's export is not at hand (provenance.export.path)"}
-    from gensynth.evaluate.reconstruction import reconstruction_metrics
     from gensynth.families import load_sampler
+    from gensynth.reconstruction import reconstruction_figures
 
     try:
         sampler = load_sampler(export)
@@ -237,8 +238,17 @@ def _reconstruction(prov: dict[str, Any], test: ImageSet) -> dict[str, Any]:
         return {"skipped": f"cannot load the generator's export: {e}"}
     if sampler.config.get("weights_sha256") != (prov.get("export") or {}).get("weights_sha256"):
         return {"skipped": f"{export} now holds other weights than the ones that generated this set"}
-    values = reconstruction_metrics(sampler, test.images)
-    return values if values is not None else {"skipped": f"the {sampler.family} family does not reconstruct images"}
+    images, codes = [], []
+    try:
+        for i in range(0, len(test), batch_size):
+            r = sampler.reconstruct(test.images[i:i + batch_size], test.labels[i:i + batch_size])
+            images.append(r.images)
+            if r.codes is not None:
+                codes.append(r.codes)
+    except UsageError as e:  # NoReconstruction: the family does not (or not here); or labels it cannot take
+        return {"skipped": str(e)}
+    return reconstruction_figures(test.images, torch.cat(images), torch.cat(codes) if codes else None,
+                                  sampler.codebook_size)
 
 
 def _inception(synth: torch.Tensor, real: torch.Tensor, floor: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
@@ -280,7 +290,8 @@ def summary_lines(metrics: dict[str, Any], report: str | None = None) -> list[st
         lines.append(f"augmentation gain skipped: {aug.get('skipped')}")
     rec = metrics.get("reconstruction") or {}
     if "psnr" in rec:
-        lines.append(f"reconstruction: MSE {rec['mse']:.1f}, PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}"
+        lines.append(f"reconstruction: MSE {rec['mse_01']:.5f} (pixels in [0, 1]), PSNR {rec['psnr']:.2f} dB, "
+                     f"SSIM {rec['ssim']:.4f}"
                      + (f", codebook used {100 * rec['codebook_used_fraction']:.1f}%" if "codebook_used_fraction"
                         in rec else ""))
     if report:

@@ -3,6 +3,10 @@
     sampler = load_sampler("runs/x")                       # gensynth.families; sha256-checked
     options = sampler.resolve_options({"truncation": 0.8})  # the family's sampling options, defaulted
     images = sampler.sample(labels, torch.Generator().manual_seed(0), options)   # uint8 [n, C, H, W]
+    recon = sampler.reconstruct(images, labels)   # autoencoders: Reconstruction(images, codes or None)
+
+`reconstruct` is what `gensynth eval` measures reconstruction figures with (gensynth.reconstruction); by
+default a family does not reconstruct (NoReconstruction, which evaluation reports as skipped).
 
 A family's `sampler(tensors, config, device)` builds its Sampler from the export's tensors and config.json.
 Random numbers come only from the `generator` passed in (drawn on the CPU), never from the global RNG, so
@@ -12,7 +16,7 @@ type.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,11 +24,22 @@ from gensynth.errors import UsageError
 from gensynth.imaging import to_uint8
 
 
+class Reconstruction(NamedTuple):
+    images: torch.Tensor  # uint8 [n, C, H, W] on the CPU, the inputs' size
+    codes: torch.Tensor | None  # int64 code indices [n, ...] of a codebook (Sampler.codebook_size); None without
+
+
+class NoReconstruction(UsageError):
+    """This export cannot reconstruct images: its family does not, or what it needs is not at hand."""
+
+
 class Sampler:
-    """Base class: the export's identity plus `sample`. Families override `OPTIONS` and `draw`."""
+    """Base class: the export's identity plus `sample`. Families override `OPTIONS` and `draw`; autoencoders
+    also `reconstruct` (and `codebook_size` when they have a codebook)."""
 
     # name -> (default, help); a family's sampling options, e.g. truncation for the GAN
     OPTIONS: dict[str, tuple[Any, str]] = {}
+    codebook_size: int = 0  # codes in the codebook that `reconstruct` reports codes of; 0 = no codebook
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: str | torch.device = "cpu"):
         self.config = config
@@ -65,6 +80,11 @@ class Sampler:
 
     def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def reconstruct(self, images: torch.Tensor, labels: torch.Tensor) -> Reconstruction:
+        """uint8 [n, C, H, W] images (and their int64 labels, for class-conditional encoders) -> their
+        reconstructions through the model. The default: this family does not reconstruct."""
+        raise NoReconstruction(f"the {self.family} family does not reconstruct images")
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """Network output in [-1, 1] at 2^k resolution -> uint8 at the data's size, on the CPU."""

@@ -21,13 +21,14 @@ mode, so evaluation and sampling on one rank never wait on the others.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
+
+from gensynth.reconstruction import codebook_usage
 
 
 class Quantized(NamedTuple):
@@ -201,9 +202,8 @@ class VectorQuantizer(nn.Module):
         self.batches.add_(1)
         self.last_used[counts > 0] = self.batches
         restarted = self._restart_dead(x)
-        p = counts / counts.sum().clamp_min(1)
-        return {"perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()),
-                "usage": self.usage(), "batch_usage": (counts > 0).float().mean(),
+        batch_usage, perplexity = codebook_usage(counts)  # of all ranks' codes in this batch
+        return {"perplexity": perplexity, "usage": self.usage(), "batch_usage": batch_usage,
                 "restarted": torch.tensor(float(restarted)), "restarts_total": self.restarts.float().clone()}
 
     def dead_codes(self) -> torch.Tensor:
@@ -232,9 +232,3 @@ class VectorQuantizer(nn.Module):
         recent = (self.last_used > 0) & (self.batches - self.last_used < self.usage_window)
         return recent.float().mean()
 
-
-def perplexity(codes: torch.Tensor, codebook_size: int) -> float:
-    """exp(entropy) of the code histogram: the number of equally likely codes it amounts to."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
-    p = counts / counts.sum().clamp_min(1)
-    return math.exp(float(-(p * torch.log(p.clamp_min(1e-300))).sum()))

@@ -4,6 +4,7 @@ samples/, a progress bar on a terminal, plain log lines in batch jobs. Only the 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from gensynth.data.codec import encode_png
 from gensynth.progress import interactive
 
 log = logging.getLogger("gensynth")
+
+GRID_FILE = re.compile(r"(?P<tag>.+)-step-(?P<step>\d{8})\.png")  # samples/<tag>-step-<8 digits>.png
+
+
+def grid_files(samples: Path) -> list[Path]:
+    """The grids a run saved under `samples` (whatever the family's grid_name), oldest step first."""
+    found = [(m, p) for p in samples.glob("*-step-*.png") if (m := GRID_FILE.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0]["step"]), mp[1].name))]
 
 
 class Tracker:
@@ -57,7 +66,7 @@ class Tracker:
         if not self.enabled:
             return None
         self.writer.add_image(tag, grid, step, dataformats="HWC")
-        path = self.run_dir / "samples" / f"{tag}-step-{step:08d}.png"
+        path = self.run_dir / "samples" / f"{tag}-step-{step:08d}.png"  # GRID_FILE
         path.write_bytes(encode_png(grid))
         return path
 

@@ -1,4 +1,6 @@
-"""The prior's sampler: codes drawn from the prior, decoded by the VQ-VAE its export bundles."""
+"""The prior's sampler: codes drawn from the prior, decoded by the VQ-VAE its export bundles. It
+reconstructs through the VQ-VAE export its codes came from (the bundle holds no encoder), when that export
+is at hand with the same weights."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from typing import Any
 import torch
 
 from gensynth.errors import UsageError
-from gensynth.families.sampling import Sampler, positive_float
+from gensynth.export import load_export
+from gensynth.families.sampling import NoReconstruction, Reconstruction, Sampler, positive_float
+from gensynth.families.vqvae.sampler import VQVAESampler
 from gensynth.imaging import to_uint8
 from gensynth.models.prior import CodePrior, sample_codes
 from gensynth.models.vqvae import VQVAE
@@ -44,6 +48,8 @@ class PriorSampler(Sampler):
         self.decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("vqvae.")})
         self.prior.to(self.device).eval()
         self.decoder.to(self.device).eval()
+        self.codebook_size = self.decoder.codebook_size
+        self.source: VQVAESampler | None = None  # the VQ-VAE the codes came from, loaded when reconstructing
 
     def resolve_options(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
         options = super().resolve_options(given)
@@ -59,3 +65,18 @@ class PriorSampler(Sampler):
     def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
         return prior_images(self.prior, self.decoder, labels, generator, options["temperature"], options["top_k"],
                             self.height, self.width)
+
+    def reconstruct(self, images: torch.Tensor, labels: torch.Tensor) -> Reconstruction:
+        """Through the VQ-VAE export the prior's codes came from: the codes the prior learnt, and the decoder
+        and codebook it decodes with."""
+        if self.source is None:
+            named = self.config["vqvae"]
+            why = f"the prior reconstructs through the VQ-VAE export its codes came from, {named.get('export')}"
+            try:
+                tensors, config = load_export(named["export"])
+            except (UsageError, KeyError, TypeError) as e:
+                raise NoReconstruction(f"{why}: {e}") from None
+            if config.get("weights_sha256") != named.get("weights_sha256"):
+                raise NoReconstruction(f"{why}: it now holds other weights than the codes'")
+            self.source = VQVAESampler(tensors, config, self.device)
+        return self.source.reconstruct(images, labels)

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from gensynth.families.sampling import Sampler, positive_float
-from gensynth.imaging import to_uint8
+from gensynth.families.sampling import Reconstruction, Sampler, positive_float
+from gensynth.imaging import to_network, to_uint8
 from gensynth.models.vae import VAE
 
 # The functions below are what the trainer draws its grids with, too, so an export reproduces its run's
@@ -27,6 +27,19 @@ def vae_images(vae: VAE, labels: torch.Tensor, generator: torch.Generator, tempe
     return images
 
 
+@torch.no_grad()
+def vae_reconstruct(vae: VAE, images: torch.Tensor, labels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 images -> the decoder means of their posterior means (deterministic): uint8 [n, C, height, width]."""
+    device = vae.log_sigma.device
+    was_training = vae.training
+    vae.eval()
+    labels = labels.to(device)
+    mean, _ = vae.encode(to_network(images.to(device), vae.resolution), labels)
+    recon = to_uint8(vae.decode(mean, labels), height, width).cpu()
+    vae.train(was_training)
+    return recon
+
+
 class VAESampler(Sampler):
     OPTIONS = {"temperature": (1.0, "scale of the latent noise, z ~ N(0, T^2 I): < 1 trades variety for "
                                "fidelity")}
@@ -44,3 +57,7 @@ class VAESampler(Sampler):
 
     def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
         return vae_images(self.vae, labels, generator, options["temperature"], self.height, self.width)
+
+    def reconstruct(self, images: torch.Tensor, labels: torch.Tensor) -> Reconstruction:
+        self.check_labels(labels)
+        return Reconstruction(vae_reconstruct(self.vae, images, labels, self.height, self.width), None)

@@ -1,5 +1,5 @@
 """The VQ-VAE family (van den Oord et al. 2017): its step in trainer.py, its sampler (which reconstructs and
-encodes, and does not generate) in sampler.py, the held-out image-quality figures in reconstruction.py."""
+encodes, and does not generate) in sampler.py; its held-out figures are gensynth.reconstruction's."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from gensynth.errors import UsageError
-from gensynth.families.sampling import Sampler
+from gensynth.families.sampling import Reconstruction, Sampler
 from gensynth.imaging import to_network, to_uint8
 from gensynth.models.vqvae import VQVAE
 
@@ -16,14 +16,15 @@ from gensynth.models.vqvae import VQVAE
 
 
 @torch.no_grad()
-def vqvae_reconstruct(model: VQVAE, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 images -> their uint8 reconstructions through the codebook (eval mode: the codebook stays)."""
+def vqvae_reconstruct(model: VQVAE, images: torch.Tensor, height: int, width: int) -> Reconstruction:
+    """uint8 images -> their uint8 reconstructions through the codebook and the codes they went through
+    (eval mode: the codebook stays)."""
     was_training = model.training
     model.eval()
     device = model.quantizer.embed.device
-    recon, _ = model(to_network(images.to(device), model.resolution))
+    recon, q = model(to_network(images.to(device), model.resolution))
     model.train(was_training)
-    return to_uint8(recon, height, width).cpu()
+    return Reconstruction(to_uint8(recon, height, width).cpu(), q.codes.cpu())
 
 
 @torch.no_grad()
@@ -44,6 +45,7 @@ class VQVAESampler(Sampler):
         self.model = VQVAE(**config["architecture"])
         self.model.load_state_dict(tensors)
         self.model.to(self.device).eval()
+        self.codebook_size = self.model.codebook_size
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any] | None = None,
                chunk: int = 256) -> torch.Tensor:
@@ -55,5 +57,5 @@ class VQVAESampler(Sampler):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return vqvae_encode(self.model, images)
 
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return vqvae_reconstruct(self.model, images, self.height, self.width)
+    def reconstruct(self, images: torch.Tensor, labels: torch.Tensor) -> Reconstruction:
+        return vqvae_reconstruct(self.model, images, self.height, self.width)  # unconditional: labels unused

@@ -4,8 +4,9 @@ encoder and decoder (and the factorized codebook's projections).
 
 Logged: loss/recon, loss/commitment, vq/usage (share of codes used in the last vqvae.usage_window
 batches), vq/perplexity, vq/restarted (dead codes re-seeded per step) and vq/restarts_total;
-reconstruction grids (input row over output row); every train.eval_every steps, held-out MSE, PSNR
-and SSIM on data.test (reconstruction.py) and the codes' usage there. A warning is
+reconstruction grids (input row over output row); every train.eval_every steps, held-out mse_01 (pixels
+in [0, 1]), psnr, ssim and the codes' usage there (codebook_used_fraction, codebook_perplexity), on
+data.test, as gensynth.reconstruction defines them (what `gensynth eval` reports too). A warning is
 logged when codebook usage falls below vqvae.usage_warn (the collapse guard).
 
 A VQ-VAE alone does not generate: its export reconstructs; the prior (gensynth/families/prior/) makes
@@ -27,11 +28,10 @@ from gensynth.config import Config
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
 from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step
-from gensynth.families.vqvae.reconstruction import summarize
 from gensynth.families.vqvae.sampler import vqvae_reconstruct
 from gensynth.imaging import image_grid, to_uint8
-from gensynth.models.quantizer import perplexity
 from gensynth.models.vqvae import VQVAE
+from gensynth.reconstruction import reconstruction_figures
 
 log = logging.getLogger("gensynth")
 
@@ -131,15 +131,15 @@ class VQVAETrainer(Trainer):
         if self.grid_inputs is None:
             self.grid_inputs = grid_images(self.cfg.data.test or self.cfg.data.train, self.cfg.vqvae.grid_per_class,
                                            self.data.num_classes, self.cfg.run.seed)
-        return reconstruction_grid(self.grid_inputs, vqvae_reconstruct(self.raw, self.grid_inputs, self.data.height,
-                                                                       self.data.width), self.data.num_classes)
+        outputs = vqvae_reconstruct(self.raw, self.grid_inputs, self.data.height, self.data.width).images
+        return reconstruction_grid(self.grid_inputs, outputs, self.data.num_classes)
 
     def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         raise UsageError("a VQ-VAE does not generate on its own: train the prior over its codes")
 
     @torch.no_grad()
     def heldout_metrics(self, batches) -> dict[str, float]:
-        """MSE, PSNR, SSIM of uint8 reconstructions of held-out images; the codes' usage and perplexity there."""
+        """gensynth.reconstruction's figures of the uint8 reconstructions of held-out images and their codes."""
         originals, recons, codes = [], [], []
         self.raw.eval()
         try:
@@ -152,12 +152,9 @@ class VQVAETrainer(Trainer):
             self.raw.train()
         if not originals:
             return {}
-        size = self.raw.codebook_size
-        all_codes = torch.cat(codes)
-        used = torch.bincount(all_codes.reshape(-1), minlength=size).gt(0).float().mean()
-        self.heldout = {**summarize(originals, recons), "code_usage": float(used),
-                        "code_perplexity": perplexity(all_codes, size), "samples": float(len(all_codes))}
-        return {k: v for k, v in self.heldout.items() if k != "samples"}
+        self.heldout = reconstruction_figures(torch.cat(originals), torch.cat(recons), torch.cat(codes),
+                                              self.raw.codebook_size)
+        return {k: v for k, v in self.heldout.items() if k not in ("images", "codebook_size")}  # constants
 
     def codebook_figures(self) -> dict[str, float]:
         q = self.raw.quantizer
