@@ -306,7 +306,7 @@ def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run
 
 def evaluate_generated(run: Path, toy: dict[str, str], folder: Path) -> dict:
     """`gensynth eval` (the library entry) of 30 samples generated from `run`, CAS off, a tiny extractor."""
-    from gensynth.evaluate import evaluate_synthetic
+    from gensynth.evaluate.synthetic import evaluate_synthetic
     from gensynth.generate import generate
 
     generate(str(run), str(folder / "synth"), num=30, shard_size=30)
@@ -377,3 +377,10 @@ def test_vae_logs_elbo_terms_reports_test_elbo_and_its_export_reproduces_the_sam
     assert np.array_equal(image_grid(images.permute(0, 2, 3, 1).numpy(), rows=10), last_grid(run, "samples"))
     cooler = sampler.sample(labels, torch.Generator().manual_seed(0), {"temperature": 0.1})
     assert not torch.equal(cooler, images)
+
+
+def test_diffaugment_names_the_config_allows_are_the_ones_implemented():
+    from gensynth.families.gan import DIFFAUGMENT_POLICIES
+    from gensynth.families.gan.augment import POLICIES
+
+    assert tuple(POLICIES) == DIFFAUGMENT_POLICIES

@@ -1,6 +1,6 @@
 """Evaluation: is synthetic data any good, and does it help the teams that train on it?
 
-    from gensynth.evaluate import evaluate_synthetic
+    from gensynth.evaluate.synthetic import evaluate_synthetic
     metrics = evaluate_synthetic("data/synth/x", "data/fashion/test", train="data/fashion/train", report="reports/x")
 
 Modules, one job each: classifier (the small CNN and its fixed recipe), extractor (that CNN trained on
@@ -11,15 +11,3 @@ usefulness (CAS, augmentation gain, the provenance check), inception (optional s
 Reconstruction figures (autoencoders: MSE/PSNR/SSIM, codebook usage) are gensynth.reconstruction's,
 shared with training.
 """
-
-from typing import Any
-
-__all__ = ["evaluate_synthetic"]
-
-
-def __getattr__(name: str) -> Any:  # lazy: training imports evaluate.metrics without the heavy parts
-    if name == "evaluate_synthetic":
-        from gensynth.evaluate.synthetic import evaluate_synthetic
-
-        return evaluate_synthetic
-    raise AttributeError(name)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from gensynth.families.sampling import Sampler
     from gensynth.families.training import DataInfo, Trainer
 
-DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # augment.py implements each
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # augment.POLICIES implements each (tested)
 
 
 @dataclass

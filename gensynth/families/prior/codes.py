@@ -26,8 +26,7 @@ from gensynth.data.manifest import Manifest, manifest_sha256, manifest_url, read
 from gensynth.data.stream import ShardLoader
 from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import UsageError
-from gensynth.export import CONFIG, export_folder, read_export_config
-from gensynth.families import load_sampler
+from gensynth.export import CONFIG, export_folder, load_export, read_export_config
 from gensynth.families.vqvae.sampler import VQVAESampler
 from gensynth.progress import progress
 
@@ -57,8 +56,7 @@ def extract_codes(export: str, images: str, out: str, batch_size: int = 256, sha
                   device: str | torch.device = "cpu") -> Manifest:
     """Encode every image of `images` with the VQ-VAE `export`; write the code shard set `out` (split train)."""
     identity = export_identity(export)
-    sampler = load_sampler(export, device=device)
-    assert isinstance(sampler, VQVAESampler)
+    sampler = VQVAESampler(*load_export(export), torch.device(device))  # a VQ-VAE: export_identity checked
     source = ShardLoader(images, batch_size=batch_size, mode="exact", rank=0, world_size=1, shuffle_buffer=0,
                          num_workers=1, decode_meta=False)
     if source.manifest is None or "image" not in source.manifest.schema:
