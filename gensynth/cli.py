@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import typing
 
@@ -192,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         return train(load_run_config(args.config, args.overrides))
     if args.command == "generate":
         from gensynth.generate import generate, summary
+        from gensynth.runtime.ranks import rank_world
 
         options = {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}
         result = generate(args.source, args.out, num=args.num, per_class=args.per_class, seed=args.seed,
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                           tasks=args.tasks, finalize_only=args.finalize, overwrite=args.overwrite,
                           device=args.device, filter_threshold=args.filter_threshold,
                           filter_classifier=args.filter_classifier)
-        if int(os.environ.get("RANK", 0)) == 0:  # one summary under accelerate launch
+        if rank_world()[0] == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
         return 0
     if args.command == "eval":

@@ -11,7 +11,7 @@ Accelerator (gensynth/train/loop.py build_accelerator) comes out the same as und
 
 Requeue, for every rank: SLURM sends SIGTERM (preemption) or SIGUSR2 (`--signal=USR2@delay` before the
 time limit) to every task. The loop agrees on the stop at the next step, every rank saves a checkpoint
-and returns 75 (gensynth/train/signals.py). Then global rank 0 runs `scontrol requeue` and every task
+and returns 75 (gensynth/runtime/signals.py). Then global rank 0 runs `scontrol requeue` and every task
 exits without a result; the requeued job runs the same submission again and the loop resumes from the
 newest checkpoint (`train.resume=auto` is forced from the first requeue on). submitit's own
 `checkpoint()` route is not used because it runs on global rank 0 only.
@@ -47,7 +47,7 @@ from typing import Any
 from gensynth.config import Config, option, to_dict
 from gensynth.errors import GensynthError, UsageError
 from gensynth.families import config_from_dict, load_run_config
-from gensynth.train.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 log = logging.getLogger("gensynth")
 

@@ -44,7 +44,8 @@ from gensynth.export import CONFIG, export_folder
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
 from gensynth.progress import progress
-from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from gensynth.runtime.ranks import rank_world
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger("gensynth")
 SPLIT = "synth"
@@ -304,11 +305,6 @@ class Result:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def workers_from_environment() -> tuple[int, int]:
-    """(rank, world size) of the processes of `accelerate launch` / torchrun (RANK, WORLD_SIZE)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the model learnt from: {"train", "manifest_sha256"} of its training images. A prior trains on code
     shards: then the images behind them, with "codes" (the code shards) and "vqvae" (the VQ-VAE's own
@@ -425,7 +421,7 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
     their label with at least that probability are kept; the rest are redrawn and counted."""
     if not 0 <= task < tasks:
         raise UsageError(f"--task {task} of --tasks {tasks}: need 0 <= task < tasks")
-    rank, world = workers_from_environment()
+    rank, world = rank_world()
     out = str(out).rstrip("/")
     sampler = load_sampler(source, device=pick_device(device, int(os.environ.get("LOCAL_RANK", rank))))
     keep = None

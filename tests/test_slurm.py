@@ -28,8 +28,8 @@ import yaml
 from gensynth import cluster
 from gensynth.data.stream import ShardLoader
 from gensynth.families import load_run_config
+from gensynth.runtime.signals import StopRequest
 from gensynth.train.checkpoint import complete_checkpoints
-from gensynth.train.signals import StopRequest
 from tests.conftest import REPO, need, write_shard_set
 
 SLURM_DIR = Path(os.environ.get("GENSYNTH_SLURM_DIR", "/tmp/gensynth-slurm"))

@@ -20,8 +20,8 @@ import torch
 
 from gensynth.export import ExportError, load_export
 from gensynth.models.dcgan import Generator
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE
 from gensynth.train.checkpoint import COMPLETE, latest_checkpoint, read_part
-from gensynth.train.signals import REQUEUE_EXIT_CODE
 from tests.conftest import free_port, subprocess_env, write_shard_set
 from tests.helpers import (
     TIMEOUT_S,

@@ -64,6 +64,7 @@ from gensynth.data.plan import (
 )
 from gensynth.data.tario import CorruptShard, TruncatedShard, count_samples, iter_samples
 from gensynth.errors import GensynthError, UsageError
+from gensynth.runtime.ranks import rank_world
 
 log = logging.getLogger("gensynth")
 MODES = ("exact", "resampled")
@@ -114,14 +115,6 @@ def resolve_shards(source: str | list[str]) -> tuple[list[Shard], Manifest | Non
             except (TruncatedShard, CorruptShard) as e:
                 raise UsageError(f"{url}: cannot count samples without a {MANIFEST_NAME}: {e}") from None
     return shards, None
-
-
-def default_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class _ShardReader:
@@ -446,7 +439,7 @@ class ShardLoader:
             raise UsageError(f"loader mode {mode!r}: use one of {', '.join(MODES)}")
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size}: must be >= 1")
-        default_rank, default_world = default_rank_world()
+        default_rank, default_world = rank_world()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.shards, self.manifest = resolve_shards(source)

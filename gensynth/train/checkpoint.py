@@ -38,7 +38,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
 from gensynth.errors import ConfigError, GensynthError, StorageError, UsageError
-from gensynth.train.ranks import all_agree
+from gensynth.runtime.ranks import all_agree
 from gensynth.train.statedata import StateFormatError, decode, encode
 
 log = logging.getLogger("gensynth")

@@ -36,9 +36,9 @@ from gensynth.export import save_export
 from gensynth.families import get_family
 from gensynth.families.training import DataInfo, Trainer, params_digest, sync_buffers
 from gensynth.imaging import to_network
+from gensynth.runtime.ranks import all_agree
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gensynth.train.ranks import all_agree
-from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.tracking import Tracker
 
 log = logging.getLogger("gensynth")
