@@ -22,6 +22,7 @@ from gensynth.errors import UsageError
 from gensynth.families import load_run_config
 from gensynth.generate import generate, summary
 from gensynth.inspection import inspect
+from gensynth.runtime.layout import RunLayout
 from gensynth.train.loop import train
 
 log = logging.getLogger("gensynth")
@@ -71,18 +72,18 @@ def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, nu
     samples, rate = stream_epoch(split_folder(data, "train"), num_workers=num_workers)
     print(f"streamed {samples} samples, each exactly once, at {rate:,.0f} samples/s")
     cfg = load_run_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
-    run_dir = Path(cfg.run.root) / cfg.run.name
-    print(f"== 3/5 train the class-conditional GAN for {cfg.train.steps} steps into {run_dir} "
+    run = RunLayout.of(cfg)
+    print(f"== 3/5 train the class-conditional GAN for {cfg.train.steps} steps into {run.root} "
           "(resumes if interrupted)")
     code = train(cfg)
     if code != 0:
         return code
-    grids = sorted((run_dir / "samples").glob("samples-step-*.png"))
+    grids = run.grids("samples")
     print(f"sample grid, one row per class ({', '.join(FASHION_MNIST_CLASSES)}): {grids[-1]}")
-    print(f"export (safetensors + config.json): {run_dir / 'export'}")
-    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"export (safetensors + config.json): {run.export}")
+    print(f"TensorBoard: tensorboard --logdir {run.tb}")
     print(f"== 4/5 generate {num_synthetic} synthetic samples, balanced over the classes, into {synth}")
-    result = generate(str(run_dir), synth, num=num_synthetic, seed=0, shard_size=min(5000, num_synthetic),
+    result = generate(str(run.root), synth, num=num_synthetic, seed=0, shard_size=min(5000, num_synthetic),
                       overwrite=True)
     print("\n".join(summary(result)))
     report = report or str(Path("reports") / Path(synth).name)

@@ -17,6 +17,7 @@ from safetensors.torch import load, load_file, save_file
 
 from gensynth import __version__, storage
 from gensynth.errors import UsageError
+from gensynth.runtime.layout import RunLayout
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -52,12 +53,12 @@ def save_export(folder: str | Path, tensors: dict[str, torch.Tensor], config: di
 
 def export_folder(path: str | Path) -> Path:
     """A run directory or an export directory -> the export directory."""
-    path = Path(path)
-    if (path / "export" / CONFIG).is_file():
-        return path / "export"
+    path, run = Path(path), RunLayout(path)
+    if (run.export / CONFIG).is_file():
+        return run.export
     if (path / CONFIG).is_file():
         return path
-    raise ExportError(f"no export at {path}: expected {path}/export/{CONFIG} (a run directory) "
+    raise ExportError(f"no export at {path}: expected {run.export / CONFIG} (a run directory) "
                       f"or {path}/{CONFIG} (an export directory)")
 
 

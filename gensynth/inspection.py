@@ -15,8 +15,8 @@ from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_m
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
 from gensynth.families import load_run_config
-
-RUN_CONFIG = "config.yaml"  # the resolved config a run saves in its directory
+from gensynth.runtime.layout import RunLayout
+from gensynth.runtime.record import read_record
 
 
 def describe_manifest(location: str, manifest: Manifest) -> list[str]:
@@ -80,23 +80,22 @@ def describe_shard(url: str, show: int = 3) -> list[str]:
 def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
     """A run directory: its config in one line, checkpoints, export, sample grids, TensorBoard.
     With verify, the newest checkpoint and the export are checked byte for byte against their recorded sha256."""
-    from gensynth.cluster import read_record
     from gensynth.export import CONFIG as EXPORT_CONFIG  # torch and accelerate: imported only for runs
     from gensynth.export import WEIGHTS, ExportError, load_export, read_export_config
     from gensynth.train.checkpoint import CheckpointError, complete_checkpoints, verify_checkpoint
-    from gensynth.train.tracking import grid_files
 
+    run = RunLayout(folder)
     try:
-        cfg = yaml.safe_load((folder / RUN_CONFIG).read_text()) or {}
+        cfg = yaml.safe_load(run.config.read_text()) or {}
     except yaml.YAMLError as e:
-        raise InputDataError(f"{folder / RUN_CONFIG}: not valid YAML: {e}") from None
+        raise InputDataError(f"{run.config}: not valid YAML: {e}") from None
     section = {k: cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("model", "train", "data")}
     lines = [f"run        {folder}",
              f"config     family {section['model'].get('family', '?')}, {section['train'].get('steps', '?')} steps "
              f"of batch {section['train'].get('batch_size', '?')}, data {section['data'].get('train', '?')}"]
-    checkpoints = complete_checkpoints(folder / "checkpoints")
+    checkpoints = complete_checkpoints(run.checkpoints)
     complete = {path.name for _, path in checkpoints}
-    leftovers = [p.name for p in sorted((folder / "checkpoints").glob("*")) if p.is_dir() and p.name not in complete]
+    leftovers = [p.name for p in sorted(run.checkpoints.glob("*")) if p.is_dir() and p.name not in complete]
     text = (f"{len(checkpoints)} complete, steps {', '.join(str(step) for step, _ in checkpoints)}; resumes from "
             f"{checkpoints[-1][1].name}" if checkpoints else "none complete (a rerun starts from step 0)")
     if leftovers:
@@ -121,9 +120,9 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
         except CheckpointError as e:
             ok = False
             lines.append(f"verify     FAILED: {e}")
-    if (folder / "export" / EXPORT_CONFIG).is_file():
+    if (run.export / EXPORT_CONFIG).is_file():
         config = read_export_config(folder, verify=False)  # described as found; --verify checks it
-        weights = folder / "export" / WEIGHTS
+        weights = run.export / WEIGHTS
         size = weights.stat().st_size if weights.is_file() else 0
         lines.append(f"export     step {config.get('step', '?')}, {size / 1e6:.1f} MB, weights sha256 "
                      f"{str(config.get('weights_sha256'))[:16]}...")
@@ -136,11 +135,11 @@ def describe_run(folder: Path, verify: bool = False) -> tuple[list[str], bool]:
                 lines.append(f"verify     FAILED: {e}")
     else:
         lines.append("export     none yet (written at the end of training)")
-    grids = grid_files(folder / "samples")
+    grids = run.grids()
     newest = f", newest {grids[-1]}" if grids else ""
     lines.append(f"samples    {len(grids)} grids{newest}")
-    if (folder / "tb").is_dir():
-        lines.append(f"tensorboard tensorboard --logdir {folder / 'tb'}")
+    if run.tb.is_dir():
+        lines.append(f"tensorboard tensorboard --logdir {run.tb}")
     record = read_record(folder)
     if record:
         jobs = record.get("jobs", [])
@@ -173,7 +172,7 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
         if not storage.exists(url):
             raise UsageError(f"shard not found: {url}")
         return describe_shard(url), True
-    if not storage.is_remote(url) and (Path(url) / RUN_CONFIG).is_file() and not storage.exists(manifest_url(url)):
+    if not storage.is_remote(url) and RunLayout(url).config.is_file() and not storage.exists(manifest_url(url)):
         return describe_run(Path(url), verify)
     if not storage.exists(manifest_url(url)):
         receipts = [n for n in storage.listdir(storage.join(url, "receipts")) if n.endswith(".json")]
@@ -181,7 +180,8 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
             return [f"unfinished generation at {url}: {len(receipts)} shards done, no {MANIFEST_NAME} yet; rerun "
                     "the same `gensynth generate` command (or --finalize once every array task is done)"], False
         raise UsageError(f"nothing to inspect at {url}: expected a shard set (a folder or prefix with "
-                         f"manifest.json), a .tar shard, a run directory (with {RUN_CONFIG}) or a YAML config")
+                         f"manifest.json), a .tar shard, a run directory (with {RunLayout(url).config.name}) or a "
+                         "YAML config")
     manifest = read_manifest(url)
     lines = describe_manifest(url, manifest)
     ok = True

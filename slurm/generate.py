@@ -4,7 +4,7 @@
     python slurm/generate.py runs/gan_fashion data/synth/v1 --num 100000 --seed 0 --array 3 --task-ids 1
 
 Array task i writes the shards k with k % N == i; a job after the array writes manifest.json. Options:
-`python slurm/generate.py --help`; the logic is in gensynth/cluster.py.
+`python slurm/generate.py --help`; the logic is in the package gensynth/cluster/.
 """
 
 import sys

@@ -3,7 +3,7 @@
     python slurm/train.py configs/gan_fashion.yaml --nodes 2 --tasks-per-node 1 --partition debug [key=value ...]
     python slurm/train.py configs/gan_fashion_gpu.yaml --nodes 4 --gpus-per-node 8 --time 2-00:00:00 --dry-run
 
-Options: `python slurm/train.py --help`; the logic is in gensynth/cluster.py.
+Options: `python slurm/train.py --help`; the logic is in the package gensynth/cluster/.
 """
 
 import sys

@@ -28,6 +28,7 @@ import yaml
 from gensynth import cluster
 from gensynth.data.stream import ShardLoader
 from gensynth.families import load_run_config
+from gensynth.runtime.record import read_record
 from gensynth.runtime.signals import StopRequest
 from gensynth.train.checkpoint import complete_checkpoints
 from tests.conftest import REPO, need, write_shard_set
@@ -275,7 +276,7 @@ def test_two_node_training_runs_like_accelerate_launch(jobs, capsys):
     events.Reload()
     assert [e.step for e in events.Scalars("loss/d")] == list(range(10, STEPS + 1, 10))
 
-    record = cluster.read_record(run)
+    record = read_record(run)
     assert record["state"] == "completed" and record["requeues"] == 0
     assert [j["job_id"] for j in record["jobs"]] == [sub.job_id]
     assert record["last_checkpoint"] == f"checkpoints/step-{STEPS:08d}"
@@ -299,7 +300,7 @@ def test_preempted_job_checkpoints_on_every_rank_requeues_and_finishes_intact(jo
     interrupter = jobs.interrupters["preempted"]
     interrupter.join(timeout=5)
     assert interrupter.error is None and interrupter.at_step is not None
-    record = cluster.read_record(sub.run_dir)
+    record = read_record(sub.run_dir)
     assert record["state"] == "completed" and record["requeues"] == 1, record
     (job,) = record["jobs"]
     (stop,) = job["stops"]
@@ -334,7 +335,7 @@ def test_time_limit_checkpoints_on_every_rank_and_the_requeued_job_resumes(jobs)
     sub = jobs.subs["timelimit"]
     with pytest.raises(cluster.JobFailed, match=r"after 1 requeues \(--max-requeues 1\)"):
         cluster.wait(sub, poll_s=1, timeout_s=JOB_TIMEOUT_S)
-    record = cluster.read_record(sub.run_dir)
+    record = read_record(sub.run_dir)
     assert record["state"] == "stopped" and record["requeues"] == 1, record
     (job,) = record["jobs"]
     first, second = job["stops"]
@@ -355,7 +356,7 @@ def test_a_cancelled_job_checkpoints_and_stays_cancelled(jobs):
         cluster.wait(sub, poll_s=1, timeout_s=JOB_TIMEOUT_S)
     interrupter = jobs.interrupters["cancelled"]
     assert interrupter.error is None
-    record = cluster.read_record(sub.run_dir)
+    record = read_record(sub.run_dir)
     assert record["state"] == "stopped" and record["requeues"] == 0
     (job,) = record["jobs"]
     (stop,) = job["stops"]

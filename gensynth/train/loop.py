@@ -36,6 +36,7 @@ from gensynth.export import save_export
 from gensynth.families import get_family
 from gensynth.families.training import DataInfo, Trainer, params_digest, sync_buffers
 from gensynth.imaging import to_network
+from gensynth.runtime.layout import RunLayout
 from gensynth.runtime.ranks import all_agree
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -113,11 +114,11 @@ class Run:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.acc = build_accelerator(cfg)
-        self.dir = Path(cfg.run.root) / cfg.run.name
-        self.ckpt_dir = self.dir / "checkpoints"
+        self.run_dir = RunLayout.of(cfg)
+        self.ckpt_dir = self.run_dir.checkpoints
         if self.acc.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(dump_yaml(cfg))
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            self.run_dir.config.write_text(dump_yaml(cfg))
         self.family = get_family(cfg.model.family)
         self.family.prepare(cfg, self.acc)  # e.g. the prior's code shards, extracted once by the main process
         self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
@@ -180,7 +181,7 @@ class Run:
             self.restore(resume)
             self.state["resumes"] += 1
             log.info("resumed from %s (step %d, epoch %d)", resume, self.state["step"], self.loader.epoch)
-        tracker = Tracker(self.dir, acc.is_main_process, cfg.train.steps, self.state["step"])
+        tracker = Tracker(self.run_dir, acc.is_main_process, cfg.train.steps, self.state["step"])
         sums: dict[str, float] = defaultdict(float)
         counted = 0
         timing = {"data": 0.0, "total": 0.0, "images": 0}
@@ -323,17 +324,18 @@ class Run:
             return
         checkpoint = self.ckpt_dir / f"step-{step:08d}"
         self.state["best"] = {"step": step, "fid": values["fid"]}
-        self.write_export(self.dir / "best")
-        pointer = {"metric": "eval/fid", "fid": values["fid"], "step": step, "export": "best",
-                   "values": values, "num_samples": self.cfg.eval.num_samples,
+        self.write_export(self.run_dir.best)
+        pointer = {"metric": "eval/fid", "fid": values["fid"], "step": step,
+                   "export": self.run_dir.relative(self.run_dir.best), "values": values,
+                   "num_samples": self.cfg.eval.num_samples,
                    "extractor": str(self.metric_context.extractor.folder),
                    # the full training state at that step exists only when a checkpoint falls on it (eval_every a
                    # multiple of checkpoint_every) and has not been pruned (train.keep_checkpoints)
-                   "checkpoint": f"checkpoints/{checkpoint.name}" if step % self.cfg.train.checkpoint_every == 0
+                   "checkpoint": self.run_dir.relative(checkpoint) if step % self.cfg.train.checkpoint_every == 0
                    or step == self.cfg.train.steps else None}
-        storage.write_bytes(str(self.dir / "best.json"), (json.dumps(pointer, indent=1) + "\n").encode())
+        storage.write_bytes(str(self.run_dir.best_json), (json.dumps(pointer, indent=1) + "\n").encode())
         log.info("step %d: best eval/fid so far (%.3f): generator exported to %s", step, values["fid"],
-                 self.dir / "best")
+                 self.run_dir.best)
 
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
                     timing: dict[str, float]) -> None:
@@ -357,7 +359,7 @@ class Run:
     def write_export(self, folder: Path | None = None) -> None:
         if not self.acc.is_main_process:
             return
-        folder = folder or self.dir / "export"
+        folder = folder or self.run_dir.export
         tensors, config = self.trainer.export()
         config.update({"family": self.cfg.model.family, "step": self.state["step"], "run": self.cfg.run.name,
                        "seed": self.cfg.run.seed,

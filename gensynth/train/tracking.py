@@ -1,10 +1,10 @@
 """What a run reports: TensorBoard scalars and image grids under runs/<name>/tb/, PNG grids under
-samples/, a progress bar on a terminal, plain log lines in batch jobs. Only the main process writes."""
+samples/ (gensynth/runtime/layout.py), a progress bar on a terminal, plain log lines in batch jobs. Only the
+main process writes."""
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -12,22 +12,14 @@ import numpy as np
 
 from gensynth.data.codec import encode_png
 from gensynth.progress import interactive
+from gensynth.runtime.layout import RunLayout
 
 log = logging.getLogger("gensynth")
 
-GRID_FILE = re.compile(r"(?P<tag>.+)-step-(?P<step>\d{8})\.png")  # samples/<tag>-step-<8 digits>.png
-
-
-def grid_files(samples: Path) -> list[Path]:
-    """The grids a run saved under `samples` (whatever the family's grid_name), oldest step first."""
-    found = [(m, p) for p in samples.glob("*-step-*.png") if (m := GRID_FILE.fullmatch(p.name))]
-    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0]["step"]), mp[1].name))]
-
-
 class Tracker:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int):
+    def __init__(self, run: RunLayout, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
-        self.run_dir = run_dir
+        self.run = run
         self.writer = None
         self.bar = None
         self.started = time.monotonic()
@@ -36,12 +28,12 @@ class Tracker:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tb"))
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(run.tb))
+        run.samples.mkdir(parents=True, exist_ok=True)
         if interactive():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=run_dir.name, unit="step",
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=run.root.name, unit="step",
                             dynamic_ncols=True)
         self.total = total_steps
 
@@ -66,7 +58,7 @@ class Tracker:
         if not self.enabled:
             return None
         self.writer.add_image(tag, grid, step, dataformats="HWC")
-        path = self.run_dir / "samples" / f"{tag}-step-{step:08d}.png"  # GRID_FILE
+        path = self.run.grid(tag, step)
         path.write_bytes(encode_png(grid))
         return path
 
