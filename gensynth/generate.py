@@ -41,6 +41,7 @@ from gensynth.data.plan import derive_seed
 from gensynth.data.writer import shard_name, write_tar
 from gensynth.errors import GensynthError, UsageError
 from gensynth.export import CONFIG, export_folder
+from gensynth.faults import crash_point
 from gensynth.progress import progress
 from gensynth.sampling import Sampler, load_sampler
 from gensynth.train.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -235,6 +236,8 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
 
     def samples():
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            if i == len(labels) // 2:
+                crash_point("generate.write")  # the shard's temporary file is half written
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
@@ -247,7 +250,7 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     counts = np.bincount(labels, minlength=sampler.num_classes)
     receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
                "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint()}
-    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode())
+    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
     return receipt
 
 
@@ -441,6 +444,8 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
                          "clear OUT first (or run once with --overwrite and --tasks 1)")
     if rank == 0:
         check_out(out, job, overwrite)
+    for folder in (out, storage.join(out, RECEIPTS)):  # temporary files of killed runs (storage.is_debris)
+        storage.remove_debris(folder)
     group = _process_group(world)
     if group:
         torch.distributed.barrier()  # rank 0 has cleared OUT (with --overwrite) before anyone writes
