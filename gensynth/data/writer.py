@@ -196,11 +196,6 @@ class ShardSetWriter:
         write_manifest(self.folder, manifest)
         return manifest
 
-    @property
-    def published(self) -> list[str]:
-        """The file names this writer has published in its folder (staged names when staging)."""
-        return list(self._published)
-
     def abort(self, exc: BaseException | None = None) -> None:
         """Drop the shard in progress and remove the ones already published by this writer. Raises the
         shard's StorageError when the failure was writing it (a full disk: one line, not an OSError)."""
