@@ -1,4 +1,4 @@
-"""Command line: argument parsing only; every command calls into the modules (DESIGN.md, "CLI").
+"""Command line: argument parsing only; every command calls into the modules below it.
 
     gensynth shard idx:/usr/share/datasets/fashion-mnist data/fashion --split train
     gensynth train configs/gan_fashion.yaml run.name=x train.steps=2000
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -282,7 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `gensynth inspect ... | head`: the reader has gone. Exit quietly, with 141 (128 + SIGPIPE) as a
+        # tool killed by SIGPIPE would, so `set -o pipefail` scripts see the output was cut short. stdout
+        # goes to devnull so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except GensynthError as e:
         print(f"gensynth {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -43,6 +43,7 @@ from gensynth.errors import GensynthError, UsageError
 from gensynth.export import CONFIG, export_folder
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
+from gensynth.faults import crash_point
 from gensynth.progress import progress
 from gensynth.runtime.ranks import rank_world
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -237,6 +238,8 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
 
     def samples():
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            if i == len(labels) // 2:
+                crash_point("generate.write")  # the shard's temporary file is half written
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
@@ -249,7 +252,7 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     counts = np.bincount(labels, minlength=sampler.num_classes)
     receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
                "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint()}
-    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode())
+    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
     return receipt
 
 
@@ -438,6 +441,8 @@ def generate(source: str, out: str, num: int | None = None, per_class: str | lis
                          "clear OUT first (or run once with --overwrite and --tasks 1)")
     if rank == 0:
         check_out(out, job, overwrite)
+    for folder in (out, storage.join(out, RECEIPTS)):  # temporary files of killed runs (storage.is_debris)
+        storage.remove_debris(folder)
     group = _process_group(world)
     if group:
         torch.distributed.barrier()  # rank 0 has cleared OUT (with --overwrite) before anyone writes

@@ -1,7 +1,10 @@
 """URLs -> files: local paths and s3://bucket/prefix (through fsspec), brace patterns, atomic writes.
 
-A reader never sees a half-written file: on a folder we write `.<name>.tmp-<pid>-<rand>` and rename;
-on S3 we write a local temporary file and upload it whole on success (an object appears on close).
+A reader never sees a half-written file: on a folder we write `.<name>.tmp-<pid>-<rand>-<host>` and
+rename; on S3 we write a local temporary file and upload it whole on success (an object appears on close).
+Temporary names carry their writer's PID and host, so a later run can tell a killed writer's debris
+from a live writer's file (`remove_debris`). An OSError while writing (full disk, quota, read-only file
+system) becomes one StorageError line naming the file and what it is (`storage_errors`).
 The S3 endpoint and credentials come from the standard AWS environment variables
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged or stored in configs.
 """
@@ -9,20 +12,28 @@ The S3 endpoint and credentials come from the standard AWS environment variables
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
+import logging
 import os
 import re
 import secrets
+import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from gensynth.errors import StorageError, UsageError
+from gensynth.errors import GensynthError, StorageError, UsageError
 
+log = logging.getLogger("gensynth")
 REMOTE_SCHEMES = ("s3://",)
 TMP_MARK = ".tmp-"  # temporary names carry this; listings skip them
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+# `<TMP_MARK><pid>-<8 hex>-<host>` at the end of a temporary name (see owner_tag)
+_OWNER = re.compile(rf"{re.escape(TMP_MARK)}(\d+)-[0-9a-f]{{8}}-([A-Za-z0-9._-]+)$")
 
 
 def is_remote(url: str) -> bool:
@@ -80,21 +91,42 @@ def filesystem(url: str) -> tuple[Any, str]:
 
 
 @contextlib.contextmanager
-def storage_errors(url: str, action: str) -> Iterator[None]:
-    """Turn low-level I/O and network errors into one StorageError line that names the URL."""
+def storage_errors(url: str, action: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn low-level I/O and network errors into one StorageError line: "cannot <action> <url>: why".
+
+    `action` says what was being done, e.g. "write shard" or "write checkpoint step-000100 to". On any
+    failure `cleanup` runs first (remove this writer's temporary files); its own errors are not
+    reported, the first failure is the one the user needs to see.
+    """
     try:
         yield
-    except (StorageError, UsageError):
-        raise
-    except FileNotFoundError as e:
-        raise StorageError(f"cannot {action} {url}: not found") from e
-    except PermissionError as e:
-        raise StorageError(f"cannot {action} {url}: permission denied") from e
-    except Exception as e:
-        if not is_remote(url) and not _is_network_error(e):
+    except BaseException as e:
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                cleanup()
+        error = e if isinstance(e, GensynthError) or not isinstance(e, Exception) \
+            else _storage_error(url, action, e)
+        if error is e:
             raise
-        where = f" (endpoint {endpoint_description()})" if is_remote(url) else ""
-        raise StorageError(f"cannot {action} {url}{where}: {type(e).__name__}: {e}") from e
+        raise error from e
+
+
+def _storage_error(url: str, action: str, e: Exception) -> Exception:
+    if isinstance(e, FileNotFoundError):
+        return StorageError(f"cannot {action} {url}: not found")
+    if isinstance(e, PermissionError):
+        return StorageError(f"cannot {action} {url}: permission denied")
+    if isinstance(e, OSError) and e.errno is not None and not _is_network_error(e):
+        why = os.strerror(e.errno)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why += " (free some space there or write elsewhere; nothing half-written was kept)"
+        elif e.errno == errno.EROFS:
+            why += " (write elsewhere)"
+        return StorageError(f"cannot {action} {url}: {why}")
+    if not is_remote(url) and not _is_network_error(e):
+        return e  # a bug, not the storage: keep its traceback
+    where = f" (endpoint {endpoint_description()})" if is_remote(url) else ""
+    return StorageError(f"cannot {action} {url}{where}: {type(e).__name__}: {e}")
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -134,8 +166,9 @@ def exists(url: str) -> bool:
         return os.path.exists(url)
 
 
-def listdir(url: str) -> list[str]:
-    """Names (not paths) directly inside a folder or prefix, sorted; temporary files are left out."""
+def listdir(url: str, temporary: bool = False) -> list[str]:
+    """Names (not paths) directly inside a folder or prefix, sorted; temporary files are left out
+    unless `temporary`."""
     url = str(url)
     with storage_errors(url, "list"):
         if is_remote(url):
@@ -151,7 +184,7 @@ def listdir(url: str) -> list[str]:
             if not os.path.isdir(url):
                 return []
             names = os.listdir(url)
-    return sorted(n for n in names if TMP_MARK not in n)
+    return sorted(n for n in names if temporary or TMP_MARK not in n)
 
 
 def remove(url: str) -> None:
@@ -161,13 +194,15 @@ def remove(url: str) -> None:
             fs, path = filesystem(url)
             if fs.exists(path):
                 fs.rm(path)
-        elif os.path.exists(url):
-            os.remove(url)
+        else:
+            with contextlib.suppress(FileNotFoundError):  # gone already (another cleaner got there first)
+                os.remove(url)
 
 
 def makedirs(url: str) -> None:
     if not is_remote(url):
-        os.makedirs(url, exist_ok=True)
+        with storage_errors(url, "create folder"):
+            os.makedirs(url, exist_ok=True)
 
 
 def remove_folder(url: str) -> None:
@@ -193,35 +228,133 @@ def move(src: str, dst: str) -> None:
             os.replace(src, dst)
 
 
+def copy(src: str, dst: str) -> None:
+    """The same bytes under a second name; `dst` is replaced whole, never seen half-written. On a folder
+    a hard link (no data copied) renamed over `dst`, or a copy where links are not supported; on S3 a
+    copy inside the object store."""
+    src, dst = str(src), str(dst)
+    if is_remote(src):
+        with storage_errors(dst, "write"):
+            fs, src_path = filesystem(src)
+            _, dst_path = filesystem(dst)
+            fs.copy(src_path, dst_path)
+            fs.invalidate_cache(dst_path)
+        return
+    tmp = _temporary_name(dst)
+    with storage_errors(dst, "write", cleanup=lambda: os.path.exists(tmp) and os.remove(tmp)):
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            with open_read(src) as f, atomic_write(dst) as out:  # no hard links here: copy the bytes
+                shutil.copyfileobj(f, out, 1 << 20)
+            return
+        os.replace(tmp, dst)
+
+
+def owner_tag() -> str:
+    """`<pid>-<8 hex>-<host>`: what this process puts after TMP_MARK in the temporary names it makes."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}-{HOST}"
+
+
+def _temporary_name(url: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(url)), f".{os.path.basename(url)}{TMP_MARK}{owner_tag()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, but alive
+    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_debris(name: str) -> bool:
+    """Whether `name` is a temporary file whose writer is provably dead.
+
+    The rule: the name ends in TMP_MARK + `<pid>-<rand>-<host>` (owner_tag), the host is this one and
+    no process with that PID is alive here. A live writer's PID is alive, so its files are never taken;
+    a dead writer's PID reused by another process only keeps the debris a while longer. Names from
+    another host (a shared folder, S3) are left alone: their PIDs cannot be checked from here.
+    """
+    m = _OWNER.search(name)
+    return bool(m) and m.group(2) == HOST and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+
+
+def remove_debris(folder: str, keep: Collection[str] = ()) -> list[str]:
+    """Remove the temporary files (and folders) in `folder` that killed writers left (see is_debris),
+    except the names in `keep`; for an S3 folder also this host's local upload copies. Returns the names
+    removed."""
+    folder = str(folder)
+    # list first, then check each PID: a name made after the listing is never looked at
+    removed = [n for n in listdir(folder, temporary=True) if n not in keep and is_debris(n)]
+    for name in removed:
+        url = join(folder, name)
+        with storage_errors(url, "remove"):
+            if is_remote(url):
+                fs, path = filesystem(url)
+                fs.rm(path, recursive=True)
+            elif os.path.isdir(url):
+                shutil.rmtree(url, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(url)
+    if is_remote(folder):
+        local = tempfile.gettempdir()
+        for name in os.listdir(local):
+            if name.startswith(_UPLOAD_PREFIX) and is_debris(name):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(local, name))
+    if removed:
+        log.info("removed %d temporary files of killed runs from %s", len(removed), folder)
+    return removed
+
+
+_UPLOAD_PREFIX = "gensynth-upload-"
+
+
 @contextlib.contextmanager
-def atomic_write(url: str) -> Iterator[IO[bytes]]:
-    """Write `url` so that it appears whole or not at all. On an exception nothing is published."""
+def atomic_write(url: str, action: str = "write", shown: str | None = None) -> Iterator[IO[bytes]]:
+    """Write `url` so that it appears whole or not at all. On an exception nothing is published and
+    the temporary file is removed; an OSError becomes one StorageError line, "cannot <action> <shown>"
+    (`shown` defaults to `url`)."""
     url = str(url)
+    shown = shown or url
     if is_remote(url):
         fs, path = filesystem(url)
-        with tempfile.NamedTemporaryFile(prefix="gensynth-", suffix=TMP_MARK + "upload") as tmp:
-            yield tmp
-            tmp.flush()
-            with storage_errors(url, "write"):
+        with tempfile.NamedTemporaryFile(prefix=_UPLOAD_PREFIX, suffix=TMP_MARK + owner_tag()) as tmp:
+            # the local copy fails like a local file (a full /tmp); the caller's own errors pass as they are
+            with storage_errors(tmp.name, f"{action} {shown} through its local copy"):
+                yield tmp
+                tmp.flush()
+            with storage_errors(shown, action):
                 fs.put_file(tmp.name, path)
                 fs.invalidate_cache(path)
         return
-    folder = os.path.dirname(os.path.abspath(url))
-    os.makedirs(folder, exist_ok=True)
-    tmp_path = os.path.join(folder, f".{os.path.basename(url)}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
+    tmp_path = _temporary_name(url)
+
+    def cleanup() -> None:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+    with storage_errors(shown, action, cleanup=cleanup):
+        os.makedirs(os.path.dirname(tmp_path), exist_ok=True)
         with open(tmp_path, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, url)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    with atomic_write(url) as f:
+def write_bytes(url: str, data: bytes, action: str = "write") -> None:
+    with atomic_write(url, action) as f:
         f.write(data)
 
 
@@ -265,7 +398,7 @@ def expand_braces(pattern: str) -> list[str]:
 def register_webdataset_s3() -> None:
     """Let plain `webdataset` read and write s3:// URLs through the same fsspec set-up.
 
-    webdataset 1.0.2 has no s3 handler of its own (see notes/stack-pitfalls.md).
+    webdataset 1.0.2 has no s3 handler of its own (docs/pitfalls.md).
     """
     import webdataset
 

@@ -3,24 +3,25 @@
 Records are written in a seeded order (so class-sorted sources such as image folders are mixed
 across shards) and the bytes are repeatable: the same source, split, seed and shard size give the
 same sha256s. A failure removes what this run wrote and leaves an existing set untouched; a manifest
-appears only when all shards are in.
+appears only when all shards are in, and at every instant (a `kill -9` included) the manifest present
+lists only shards that are there whole (see _swap_in).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import re
-import secrets
 
 import numpy as np
 
 from gensynth import __version__, storage
 from gensynth.data.codec import DecodeError, check_label
-from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, write_manifest
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, write_manifest
 from gensynth.data.sources import Source
-from gensynth.data.writer import ShardSetWriter
-from gensynth.errors import InputDataError, UsageError
+from gensynth.data.writer import ShardSetWriter, staged_name
+from gensynth.errors import GensynthError, InputDataError, StorageError, UsageError
+from gensynth.faults import crash_point
 from gensynth.progress import progress
 
 log = logging.getLogger("gensynth")
@@ -71,8 +72,9 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
            seed: int | None = 0, overwrite: bool = False, per_class: int | None = None) -> Manifest:
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
-    The shards are written into a hidden staging folder beside the set and moved in only once all are
-    written, so a failure (bad input, full disk, lost connection) leaves an existing set as it was.
+    The shards are written under hidden staged names beside the set and swapped in only once all are
+    written (_swap_in), so a failure (bad input, full disk, lost connection) before the swap leaves an
+    existing set as it was. Staged and temporary files of earlier runs that were killed are removed.
     """
     if not SPLIT_NAME.fullmatch(split):
         raise UsageError(f"--split {split!r}: use letters, digits, '-' or '_' (it names files and keys)")
@@ -91,43 +93,76 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
     chosen = per_class_subset(source, per_class, seed) if per_class else np.arange(len(source))
     n = len(chosen)
     order = chosen[np.random.default_rng(seed).permutation(n)] if seed is not None else chosen
-    staging = storage.join(folder, f".{split}{storage.TMP_MARK}staging-{os.getpid()}-{secrets.token_hex(4)}")
-    storage.makedirs(staging)
+    _remove_debris(folder)
+    stage = storage.owner_tag()
     log.info("sharding %d records of %s into %s (%d per shard, %s)", n, source.spec, folder, shard_size, encoding)
-    try:
-        with ShardSetWriter(staging, split, shard_size, encoding) as writer:
-            for i in progress(order, total=n, desc=f"shard {split}", unit="samples"):
-                record = source.record(int(i))
-                source_label(source, record.index, record.label)
-                try:
-                    writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
-                except ValueError as e:
-                    raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
-            provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
-                          "shard_size": shard_size, "gensynth_version": __version__}
-            if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
-                provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
-                                           "chosen_from": len(source)}
-            manifest = writer.finish(classes=source.classes, provenance=provenance)
-            _commit(staging, folder, split, manifest)
-    finally:
-        for name in storage.listdir(staging):  # only left on a failure
-            storage.remove(storage.join(staging, name))
-        storage.remove_folder(staging)
+    with ShardSetWriter(folder, split, shard_size, encoding, stage=stage) as writer:
+        for i in progress(order, total=n, desc=f"shard {split}", unit="samples"):
+            record = source.record(int(i))
+            source_label(source, record.index, record.label)
+            try:
+                writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
+            except ValueError as e:
+                raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
+        provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
+                      "shard_size": shard_size, "gensynth_version": __version__}
+        if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
+            provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
+                                       "chosen_from": len(source)}
+        manifest = writer.manifest(classes=source.classes, provenance=provenance)
+    _swap_in(folder, split, manifest, stage)
     log.info("wrote %d samples in %d shards (%.1f MB) and %s", manifest.num_samples, len(manifest.shards),
              manifest.num_bytes / 1e6, manifest_url(folder))
     return manifest
 
 
-def _commit(staging: str, folder: str, split: str, manifest: Manifest) -> None:
-    """Replace whatever set is in `folder` by the staged one: its old manifest goes first (from then on
-    the folder does not look complete), then the shards move in, stale shards go, the manifest comes last."""
-    storage.remove(manifest_url(folder))
+def _remove_debris(folder: str) -> None:
+    """Remove what killed ingests left in `folder` (storage.is_debris), but never a file the manifest
+    present lists: a run killed in the middle of _swap_in leaves a manifest naming staged shards."""
+    try:
+        keep = {s.name for s in read_manifest(folder).shards} if storage.exists(manifest_url(folder)) else set()
+    except InputDataError:
+        return  # an unreadable manifest: nothing can be proven unlisted
+    storage.remove_debris(folder, keep=keep)
+
+
+def _swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
+    """Replace whatever set is in `folder` by the one staged by `stage`, so that at every instant the
+    manifest present lists only shards that are there whole (old or new: each manifest is put whole,
+    by rename or by a single S3 put):
+
+    1. manifest.json is replaced by one listing the new shards under their staged names: the new set
+       is complete, the old one no longer listed;
+    2. each staged shard is copied over its own name (a hard link renamed into place; an S3 copy);
+    3. manifest.json is replaced by the final one, listing the shards by their own names;
+    4. the staged copies, stale shards and earlier runs' debris go.
+
+    A failure before 1 removes the staged shards and leaves the old set as it was; after 1 the new set
+    is there (under staged names until 3), so nothing is removed that the manifest lists.
+    """
+    crash_point("ingest.staged")
+    staged = [staged_name(s.name, stage) for s in manifest.shards]
+    try:
+        write_manifest(folder, dataclasses.replace(
+            manifest, shards=[dataclasses.replace(s, name=n) for s, n in zip(manifest.shards, staged)]))
+    except BaseException:
+        for name in staged:
+            storage.remove(storage.join(folder, name))
+        raise
+    try:
+        for i, (shard, name) in enumerate(zip(manifest.shards, staged)):
+            if i == len(staged) // 2:
+                crash_point("ingest.swap")  # half the old names hold new shards, the manifest lists staged ones
+            storage.copy(storage.join(folder, name), storage.join(folder, shard.name))
+        write_manifest(folder, manifest)
+    except GensynthError as e:
+        raise StorageError(f"{e}; the new set is complete in {folder} under temporary names (its "
+                           f"{MANIFEST_NAME} lists them): run the same command with --overwrite to finish") from e
+    crash_point("ingest.cleanup")
+    for name in staged:
+        storage.remove(storage.join(folder, name))
     new = {s.name for s in manifest.shards}
-    for name in sorted(new):
-        storage.move(storage.join(staging, name), storage.join(folder, name))
     for name in shard_names(folder, split):
         if name not in new:
             storage.remove(storage.join(folder, name))
-    storage.remove(manifest_url(staging))
-    write_manifest(folder, manifest)
+    storage.remove_debris(folder, keep=new)

@@ -9,7 +9,10 @@ arrays={"codes": grid})` stores `codes.npy`; every sample of a set has the same 
 dtype and shape, recorded in the manifest's `schema["arrays"]`.
 
 Leaving the `with` block on an exception removes every shard this writer published, so a failed
-ingest leaves no shard set that looks complete (and no manifest is ever written for it).
+ingest leaves no shard set that looks complete (and no manifest is ever written for it). With `stage`
+(an owner tag, storage.owner_tag()) each shard is published under a hidden staged name
+(`staged_name`) beside the set instead of its own, for the caller to swap in; the manifest entries
+still carry the shards' own names.
 """
 
 from __future__ import annotations
@@ -50,9 +53,14 @@ class _HashingFile:
         return self.size
 
 
+def staged_name(name: str, stage: str) -> str:
+    """`.train-000000.tar.tmp-<pid>-<rand>-<host>`: a shard staged by the writer `stage` names."""
+    return f".{name}{storage.TMP_MARK}{stage}"
+
+
 def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardInfo:
     """Publish one shard whole (atomically) from (key, {extension: bytes}) samples; return its entry."""
-    with storage.atomic_write(url) as f:
+    with storage.atomic_write(url, "write shard") as f:
         hashing = _HashingFile(f)
         tar = TarShardWriter(hashing)
         for key, fields in samples:
@@ -62,13 +70,15 @@ def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> Shar
 
 
 class ShardSetWriter:
-    def __init__(self, folder: str, split: str, shard_size: int = 5000, encoding: str = "png"):
+    def __init__(self, folder: str, split: str, shard_size: int = 5000, encoding: str = "png",
+                 stage: str | None = None):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.folder = str(folder)
         self.split = split
         self.shard_size = shard_size
         self.encoding = encoding
+        self.stage = stage
         self.shards: list[ShardInfo] = []
         self.histogram: Counter[int] = Counter()
         self.image_shape: tuple[int, ...] | None = None
@@ -139,7 +149,9 @@ class ShardSetWriter:
     def _open_shard(self) -> None:
         name = shard_name(self.split, len(self.shards))
         self._stack = contextlib.ExitStack()
-        f = self._stack.enter_context(storage.atomic_write(storage.join(self.folder, name)))
+        stored = staged_name(name, self.stage) if self.stage else name
+        f = self._stack.enter_context(storage.atomic_write(storage.join(self.folder, stored),
+                                                           f"write shard {name} into", shown=self.folder))
         self._hashing = _HashingFile(f)
         self._tar = TarShardWriter(self._hashing)
         self._name = name
@@ -150,8 +162,9 @@ class ShardSetWriter:
             return
         self._tar.close()
         count = self._tar.count
-        self._stack.close()  # publishes the shard (rename, or upload)
-        self._published.append(self._name)
+        stack, self._stack = self._stack, None
+        stack.close()  # publishes the shard (rename, or upload); on a failure its temporary file is gone
+        self._published.append(staged_name(self._name, self.stage) if self.stage else self._name)
         self.shards.append(ShardInfo(self._name, count, self._hashing.size, self._hashing.sha.hexdigest()))
         self._tar = self._stack = self._hashing = None
 
@@ -169,21 +182,28 @@ class ShardSetWriter:
         schema["json"] = "object"
         return schema
 
-    def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
-        """Close the last shard and write the manifest (atomically, last)."""
+    def manifest(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
+        """Close the last shard; the set's manifest (not written)."""
         self.end_shard()
-        manifest = Manifest(
+        return Manifest(
             split=self.split, shards=list(self.shards), schema=self.schema(),
             class_histogram={str(k): v for k, v in sorted(self.histogram.items())},
             classes=classes, provenance=provenance or {})
+
+    def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
+        """Close the last shard and write the manifest (atomically, last)."""
+        manifest = self.manifest(classes, provenance)
         write_manifest(self.folder, manifest)
         return manifest
 
     def abort(self, exc: BaseException | None = None) -> None:
-        """Drop the shard in progress and remove the ones already published by this writer."""
-        if self._stack is not None:
-            self._stack.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
-            self._stack = self._tar = self._hashing = None
-        for name in self._published:
-            storage.remove(storage.join(self.folder, name))
-        self._published.clear()
+        """Drop the shard in progress and remove the ones already published by this writer. Raises the
+        shard's StorageError when the failure was writing it (a full disk: one line, not an OSError)."""
+        stack, self._stack, self._tar, self._hashing = self._stack, None, None, None
+        try:
+            if stack is not None:
+                stack.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+        finally:
+            for name in self._published:
+                storage.remove(storage.join(self.folder, name))
+            self._published.clear()
