@@ -43,8 +43,8 @@ from gensynth.errors import GensynthError, UsageError
 from gensynth.export import CONFIG, export_folder
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
-from gensynth.faults import crash_point
 from gensynth.progress import progress
+from gensynth.runtime.faults import crash_point
 from gensynth.runtime.ranks import rank_world
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 

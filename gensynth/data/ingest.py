@@ -21,8 +21,8 @@ from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_m
 from gensynth.data.sources import Source
 from gensynth.data.writer import ShardSetWriter, staged_name
 from gensynth.errors import GensynthError, InputDataError, StorageError, UsageError
-from gensynth.faults import crash_point
 from gensynth.progress import progress
+from gensynth.runtime.faults import crash_point
 
 log = logging.getLogger("gensynth")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
