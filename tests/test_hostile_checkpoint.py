@@ -156,7 +156,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporary_folder(
         assert done.returncode == 1, done.stderr[-3000:]
         line = one_line_error(done.stderr)
         assert "cannot write checkpoint" in line and "No space left" in line, line
-        assert not list((disk / "full" / "checkpoints").glob(".tmp-*")), "the half-written checkpoint stayed"
+        assert not list((disk / "full" / "checkpoints").glob("*.tmp-*")), "the half-written checkpoint stayed"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
@@ -199,3 +199,20 @@ def test_inspect_verify_fails_an_edited_export(trained, tmp_path, capsys):
     (run / "export" / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     assert main(["inspect", str(run), "--verify"]) == 1
     assert "verify     FAILED" in capsys.readouterr().out
+
+
+def test_a_killed_runs_half_written_checkpoint_is_removed_by_the_next_one(trained, tmp_path, capsys):
+    from gensynth import storage
+
+    config, run = copy_run(trained, tmp_path, "debris")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    checkpoints = run / "checkpoints"
+    killed = checkpoints / f".step-00000015.tmp-{int(dead.stdout)}-deadbeef-{storage.HOST}"
+    alive = checkpoints / f".step-00000016.tmp-{os.getpid()}-0123abcd-{storage.HOST}"  # this process: alive
+    for folder in (killed, alive):
+        folder.mkdir()
+        (folder / "model_0.safetensors").write_bytes(b"half")
+    code, err = resume(config, capsys)
+    assert code == 0, err[-2000:]
+    assert not killed.exists(), "a dead writer's half-written checkpoint stayed"
+    assert alive.exists(), "a live writer's folder was taken"

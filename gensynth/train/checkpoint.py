@@ -11,8 +11,10 @@ folder on a shared filesystem would otherwise run on the next `gensynth train`):
 - `config.json` (the run's resolved config, to say which options changed when the shapes do not match),
   `trainer.json` (step, counters) and `COMPLETE`: the sha256 of every file above.
 
-All ranks write into `.tmp-step-<n>/`; after a barrier rank 0 writes `COMPLETE`, renames the folder into
-place and prunes all but the last K. A folder without `COMPLETE` (a crash mid-write) is never resumed from.
+All ranks write into `.step-<n>.tmp-<pid>-<rand>-<host>/` (rank 0's PID and host); after a barrier rank 0
+writes `COMPLETE`, renames the folder into place and prunes all but the last K. The next checkpoint removes
+such folders of killed runs (their PID is dead on this host). A folder without `COMPLETE` (a crash
+mid-write) is never resumed from.
 On resume every file is checked against `COMPLETE` and parsed as safetensors or JSON; anything else
 (a pickle, an edited file) is refused with one line naming the file. The checkpoint folder must be on
 storage every rank sees (a shared filesystem on a cluster).
@@ -37,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
+from gensynth import storage
 from gensynth.errors import ConfigError, GensynthError, StorageError, UsageError
 from gensynth.runtime.ranks import all_agree
 from gensynth.train.statedata import StateFormatError, decode, encode
@@ -133,19 +136,30 @@ def _together(accelerator: Accelerator, what: str, work: Callable[[], None], cle
                            "earlier checkpoints are untouched (free space, then rerun to resume)")
 
 
+def _main_owner_tag(accelerator: Accelerator) -> str:
+    """Rank 0's storage.owner_tag(), the same string on every rank."""
+    tag = [storage.owner_tag() if accelerator.is_main_process else None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(tag, src=0)  # between our own processes, not from disk
+    return str(tag[0])
+
+
 def save_checkpoint(accelerator: Accelerator, folder: str | Path, step: int, trainer_state: dict[str, Any],
                     rank_state: dict[str, Any], keep: int, config: dict[str, Any]) -> Path:
     """Collective: every rank must call it at the same step."""
     folder = Path(folder)
     final = folder / checkpoint_name(step)
-    tmp = folder / f".tmp-{checkpoint_name(step)}"
+    # named with rank 0's PID and host, so a later run can prove a killed run's half-written folder dead
+    tmp = folder / f".{checkpoint_name(step)}{storage.TMP_MARK}{_main_owner_tag(accelerator)}"
     what = f"checkpoint {final}"
     rank = accelerator.process_index
 
     def prepare() -> None:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in storage.remove_debris(str(folder)):
+                log.info("removed %s, left by a killed run", folder / name)
+            tmp.mkdir()
 
     def write() -> None:
         if accelerator.is_main_process:

@@ -39,7 +39,7 @@ from gensynth.imaging import to_network
 from gensynth.runtime.layout import RunLayout
 from gensynth.runtime.ranks import all_agree
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
-from gensynth.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gensynth.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from gensynth.train.tracking import Tracker
 
 log = logging.getLogger("gensynth")
@@ -322,7 +322,7 @@ class Run:
         best = self.state.get("best")
         if best is not None and best["fid"] <= values["fid"]:
             return
-        checkpoint = self.ckpt_dir / f"step-{step:08d}"
+        checkpoint = self.ckpt_dir / checkpoint_name(step)
         self.state["best"] = {"step": step, "fid": values["fid"]}
         self.write_export(self.run_dir.best)
         pointer = {"metric": "eval/fid", "fid": values["fid"], "step": step,
