@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine, report  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
 from gensynth.families import load_run_config, load_sampler  # noqa: E402
-from gensynth.generate import build_job, draw_shard, generate, interleaved_labels  # noqa: E402
+from gensynth.generate import GenerateOptions, build_job, draw_shard, generate, interleaved_labels  # noqa: E402
 from gensynth.models.dcgan import Generator  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def untrained_export(config: str, folder: Path) -> Path:
 
 def sampling_rate(source: str, num: int, shard_size: int, device: str) -> float:
     sampler = load_sampler(source, device=device)
-    job = build_job(sampler, source, num, None, 0, shard_size, "png", {})
+    job = build_job(sampler, source, GenerateOptions(num=num, shard_size=shard_size))
     labels = interleaved_labels(list(job.counts))
     start = time.perf_counter()
     for k in range(job.num_shards):

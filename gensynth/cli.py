@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import sys
+import types
 import typing
 
 from gensynth import __version__
@@ -29,39 +30,40 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> None:
-    """One --flag per field of `schema` (gensynth.cluster.SlurmOptions), its help and default from the field."""
+def add_dataclass_options(parser: argparse.ArgumentParser, schema: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of `schema` (SlurmOptions, GenerateOptions) but those in `skip`, its help,
+    default, choices and bare value (`const`) from the field. Every flag defaults to None, so that
+    config.from_values leaves the field's own default in place."""
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in skip:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`: the flag takes an int
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f" (default {default})" if default not in ("", 0, []) else ""
+        shown = f" (default {default})" if default not in ("", 0, [], None) else ""
         if typing.get_origin(kind) is list:
             parser.add_argument(flag, action="append", default=None, metavar="FLAG", help=f.metadata["help"])
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else f.name.upper(),
+            choices = f.metadata.get("choices")
+            const = f.metadata.get("const")
+            parser.add_argument(flag, type=kind, default=None, choices=choices, dest=f.name,
+                                nargs="?" if const is not None else None, const=const,
+                                metavar=None if choices else "N" if kind is int else f.name.upper(),
                                 help=f.metadata["help"] + shown)
 
 
-def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """What `gensynth generate` and `gensynth submit generate` share: the model, OUT and the sampling plan."""
+def add_generation_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """What `gensynth generate` and `gensynth submit generate` share: the model, OUT and GenerateOptions."""
+    from gensynth.generate import GenerateOptions
+
     p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
     p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
-    p.add_argument("--num", type=int, help="number of samples (balanced over the classes unless --per-class)")
-    p.add_argument("--per-class", help="counts per class (1000,0,500,...) or proportions (0.5,0.1,...), index = label")
-    p.add_argument("--seed", type=int, default=0, help="shard k draws from (seed, k) alone (default 0)")
-    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
-    p.add_argument("--encoding", choices=("png", "npy"), default="png", help="image encoding (default png)")
-    p.add_argument("--truncation", type=float, help="GAN: truncation trick threshold (0 = off)")
-    p.add_argument("--temperature", type=float, help="VQ-VAE prior: logits temperature; VAE: latent noise scale")
-    p.add_argument("--top-k", type=int, help="VQ-VAE prior: sample among the k most likely codes")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
-    p.add_argument("--filter", nargs="?", type=float, const=0.9, dest="filter_threshold", metavar="THRESHOLD",
-                   help="keep only samples that a classifier gives their label with probability >= THRESHOLD "
-                   "(0.9 when given bare); the rest are redrawn and counted in the manifest")
-    p.add_argument("--filter-classifier", default="", help="the classifier export for --filter (default: the "
-                   "cached feature extractor of the model's training data, trained on first use)")
+    add_dataclass_options(p, GenerateOptions, skip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,11 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "as WebDataset shards, then manifest.json. Deterministic per shard; a rerun finishes a killed "
                        "run. Under `accelerate launch` the shards are split across the processes.")
     add_generation_arguments(p)
-    p.add_argument("--task", type=int, default=0, help="this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--tasks", type=int, default=1, help="number of array tasks; with more than 1, no manifest is "
-                   "written: run --finalize when all are done")
-    p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
-    p.add_argument("--overwrite", action="store_true", help="replace a set made with other settings in OUT")
 
     p = sub.add_parser("eval", help="is a synthetic shard set any good? metrics.json + report.html",
                        description="Fidelity, diversity, memorisation and usefulness of the synthetic shard set SYNTH "
@@ -146,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate on SLURM: array task i writes the shards k with k %% N == i (as "
                         "`gensynth generate ... --task i --tasks N`); a job after the array (afterany) verifies every "
                         "shard and writes manifest.json. A failed task is resubmitted alone with --task-ids.")
-    add_generation_arguments(p)
+    add_generation_arguments(p, skip=("task", "tasks", "finalize", "overwrite"))  # the array sets them
     p.add_argument("--array", type=int, default=1, metavar="N", help="number of array tasks (default 1)")
     p.add_argument("--task-ids", type=_csv, help="submit only these tasks of the --array N (e.g. 1,3: to redo "
                    "failed ones), plus the finalizing job")
@@ -191,15 +188,11 @@ def run(args: argparse.Namespace) -> int:
 
         return train(load_run_config(args.config, args.overrides))
     if args.command == "generate":
-        from gensynth.generate import generate, summary
+        from gensynth.config import from_values
+        from gensynth.generate import GenerateOptions, generate, summary
         from gensynth.runtime.ranks import rank_world
 
-        options = {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}
-        result = generate(args.source, args.out, num=args.num, per_class=args.per_class, seed=args.seed,
-                          shard_size=args.shard_size, encoding=args.encoding, options=options, task=args.task,
-                          tasks=args.tasks, finalize_only=args.finalize, overwrite=args.overwrite,
-                          device=args.device, filter_threshold=args.filter_threshold,
-                          filter_classifier=args.filter_classifier)
+        result = generate(args.source, args.out, from_values(GenerateOptions, vars(args)))
         if rank_world()[0] == 0:  # one summary under accelerate launch
             print("\n".join(summary(result)))
         return 0
@@ -224,10 +217,10 @@ def run(args: argparse.Namespace) -> int:
             task_ids = [int(t) for t in args.task_ids] if args.task_ids else None
         except ValueError:
             raise UsageError(f"--task-ids {','.join(args.task_ids)}: expected task numbers, e.g. 1,3") from None
-        gen = {"num": args.num, "per_class": args.per_class, "seed": args.seed, "shard_size": args.shard_size,
-               "encoding": args.encoding, "device": args.device, "filter_threshold": args.filter_threshold,
-               "filter_classifier": args.filter_classifier,
-               "options": {"truncation": args.truncation, "temperature": args.temperature, "top_k": args.top_k}}
+        from gensynth.config import from_values
+        from gensynth.generate import GenerateOptions
+
+        gen = from_values(GenerateOptions, vars(args))
         gsub = cluster.submit_generate(args.source, args.out, gen, args.array, task_ids,
                                        cluster.options_from(vars(args)), dry_run=args.dry_run)
         if args.dry_run:

@@ -25,13 +25,21 @@ from gensynth.errors import ConfigError, UsageError
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           choices: tuple | None = None, each_of: tuple | None = None) -> Any:
+           choices: tuple | None = None, each_of: tuple | None = None, flag: str = "", const: Any = None) -> Any:
     """A config field with its reason (`help`) and the values it allows (`each_of`: a comma-separated
-    string whose every part is one of these)."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "each_of": each_of}
+    string whose every part is one of these). `flag` and `const` shape its command-line flag (cli.py
+    add_dataclass_options): another name than --field-name, a value when the flag is given bare."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "each_of": each_of, "flag": flag,
+            "const": const}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def from_values(schema: type, values: dict[str, Any]) -> Any:
+    """An instance of the dataclass `schema` from parsed arguments (unknown keys ignored, None means default)."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return schema(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
 INT64_MAX = 2**63 - 1  # torch indexes and counts in int64: a larger integer is never a usable value

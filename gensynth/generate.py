@@ -21,6 +21,7 @@ after every shard is there and verified: a reader that finds it may trust every 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from gensynth import __version__, storage
+from gensynth.config import option
 from gensynth.data.codec import encode_image
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
 from gensynth.data.plan import derive_seed
@@ -62,6 +64,38 @@ class GenerationStopped(GensynthError):
     is left for a rerun. Exits with the requeue code, like training."""
 
     exit_code = REQUEUE_EXIT_CODE
+
+
+@dataclass
+class GenerateOptions:
+    """How to generate: the plan, the family's sampling options, the filter and how this worker runs.
+    `gensynth generate` makes one --flag per field; `gensynth submit generate` all but task, tasks,
+    finalize and overwrite (the array sets those); `generate(source, out, num=...)` takes them by name."""
+
+    num: int | None = option(None, "number of samples (balanced over the classes unless --per-class)")
+    per_class: str | list | None = option(None, "counts per class (1000,0,500,...) or proportions "
+                                          "(0.5,0.1,...), index = label")
+    seed: int = option(0, "shard k draws from (seed, k) alone", min=0)
+    shard_size: int = option(5000, "samples per shard", min=1)
+    encoding: str = option("png", "image encoding", choices=("png", "npy"))
+    truncation: float | None = option(None, "GAN: truncation trick threshold (0 = off)")
+    temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
+    top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")
+    device: str = option("auto", "where to run the model", choices=("auto", "cpu", "cuda"))
+    filter_threshold: float | None = option(
+        None, "keep only samples that a classifier gives their label with probability >= FILTER_THRESHOLD (0.9 when "
+        "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)
+    filter_classifier: str = option("", "the classifier export for --filter (default: the cached feature "
+                                    "extractor of the model's training data, trained on first use)")
+    task: int = option(0, "this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)", min=0)
+    tasks: int = option(1, "number of array tasks; with more than 1, no manifest is written: run --finalize "
+                        "when all are done", min=1)
+    finalize: bool = option(False, "only verify every shard and write the manifest")
+    overwrite: bool = option(False, "replace a set made with other settings in OUT")
+
+    def sampling(self) -> dict[str, Any]:
+        """The family's sampling options that were given (the sampler fills in its defaults)."""
+        return {"truncation": self.truncation, "temperature": self.temperature, "top_k": self.top_k}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +423,8 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
     return manifest
 
 
-def build_job(sampler: Sampler, source: str, num: int | None, per_class: str | list | None, seed: int,
-              shard_size: int, encoding: str, options: dict[str, Any], keep: SampleFilter | None = None) -> Job:
+def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: SampleFilter | None = None) -> Job:
+    shard_size, encoding, seed = opts.shard_size, opts.encoding, opts.seed
     if shard_size < 1:
         raise UsageError(f"--shard-size {shard_size}: must be >= 1")
     if encoding not in ("png", "npy"):
@@ -399,9 +433,9 @@ def build_job(sampler: Sampler, source: str, num: int | None, per_class: str | l
         raise UsageError(f"--seed {seed}: must be >= 0")
     folder = export_folder(source)
     config_sha = hashlib.sha256((Path(folder) / CONFIG).read_bytes()).hexdigest()
-    counts = class_counts(num, sampler.num_classes, per_class)
+    counts = class_counts(opts.num, sampler.num_classes, opts.per_class)
     return Job(sampler.config["weights_sha256"], config_sha, seed, tuple(counts), shard_size, encoding,
-               sampler.resolve_options(options), keep.describe if keep else None)
+               sampler.resolve_options(opts.sampling()), keep.describe if keep else None)
 
 
 def pick_device(device: str, local_rank: int) -> str:
@@ -414,25 +448,25 @@ def pick_device(device: str, local_rank: int) -> str:
     return "cpu"
 
 
-def generate(source: str, out: str, num: int | None = None, per_class: str | list | None = None, seed: int = 0,
-             shard_size: int = 5000, encoding: str = "png", options: dict[str, Any] | None = None,
-             task: int = 0, tasks: int = 1, finalize_only: bool = False, overwrite: bool = False,
-             device: str = "auto", filter_threshold: float | None = None, filter_classifier: str = "") -> Result:
+def generate(source: str, out: str, opts: GenerateOptions | None = None, **fields: Any) -> Result:
     """Write this worker's shards of the job (and the manifest, when this worker is the only one, or rank 0
-    of a process group with a single task). Returns what was done. With `filter_threshold`, only samples that
-    the classifier (`filter_classifier`, or the cached feature extractor of the model's training data) gives
-    their label with at least that probability are kept; the rest are redrawn and counted."""
+    of a process group with a single task). Returns what was done. `fields` are GenerateOptions fields by
+    name, over `opts`. With `filter_threshold`, only samples that the classifier (`filter_classifier`, or
+    the cached feature extractor of the model's training data) gives their label with at least that
+    probability are kept; the rest are redrawn and counted."""
+    opts = dataclasses.replace(opts or GenerateOptions(), **fields)
+    task, tasks, overwrite = opts.task, opts.tasks, opts.overwrite
     if not 0 <= task < tasks:
         raise UsageError(f"--task {task} of --tasks {tasks}: need 0 <= task < tasks")
     rank, world = rank_world()
     out = str(out).rstrip("/")
-    sampler = load_sampler(source, device=pick_device(device, int(os.environ.get("LOCAL_RANK", rank))))
+    sampler = load_sampler(source, device=pick_device(opts.device, int(os.environ.get("LOCAL_RANK", rank))))
     keep = None
-    if filter_threshold is not None:
-        keep = load_filter(filter_classifier, sampler.config.get("data", {}).get("train"), filter_threshold)
-    job = build_job(sampler, source, num, per_class, seed, shard_size, encoding, options or {}, keep)
+    if opts.filter_threshold is not None:
+        keep = load_filter(opts.filter_classifier, sampler.config.get("data", {}).get("train"), opts.filter_threshold)
+    job = build_job(sampler, source, opts, keep)
     result = Result(out)
-    if finalize_only:
+    if opts.finalize:
         result.manifest = finalize(out, sampler, job, source)
         result.finalized_only = True
         return result

@@ -13,7 +13,7 @@ from gensynth.evaluate.classifier import SmallCNN
 from gensynth.evaluate.extractor import KIND
 from gensynth.export import save_export
 from gensynth.families import load_sampler
-from gensynth.generate import SampleFilter, build_job, draw_shard, interleaved_labels
+from gensynth.generate import GenerateOptions, SampleFilter, build_job, draw_shard, interleaved_labels
 
 
 class BrightnessJudge(nn.Module):
@@ -35,7 +35,7 @@ class BrightnessJudge(nn.Module):
 
 def test_rejected_samples_are_redrawn_until_every_place_passes(tiny_gan):
     sampler = load_sampler(tiny_gan)
-    job = build_job(sampler, str(tiny_gan), 64, "64,0,0,0,0,0,0,0,0,0", 0, 64, "png", {})
+    job = build_job(sampler, str(tiny_gan), GenerateOptions(num=64, per_class="64,0,0,0,0,0,0,0,0,0", shard_size=64))
     labels = interleaved_labels(list(job.counts))
     plain, _, _, _ = draw_shard(sampler, job, labels, 0)
     level = float(np.median(plain.reshape(64, -1).mean(1) / 255))  # about half the samples fail at first

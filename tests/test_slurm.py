@@ -372,13 +372,13 @@ def test_a_cancelled_job_checkpoints_and_stays_cancelled(jobs):
 
 @pytest.mark.slurm
 def test_generation_array_writes_the_same_shards_as_one_process(jobs, tmp_path):
-    from gensynth.generate import generate
+    from gensynth.generate import GenerateOptions, generate
 
     run = jobs.subs["reference"].run_dir
     cluster.wait(jobs.subs["reference"], poll_s=1, timeout_s=JOB_TIMEOUT_S)
-    gen = {"num": 70, "seed": 3, "shard_size": 10, "encoding": "png", "device": "cpu", "options": {}}
+    gen = GenerateOptions(num=70, seed=3, shard_size=10, encoding="png", device="cpu")
     single = tmp_path / "single"
-    generate(str(run), str(single), **{k: v for k, v in gen.items()})
+    generate(str(run), str(single), gen)
     out = tmp_path / "array"
     opts = cluster.SlurmOptions(log_folder=str(tmp_path / "logs" / "%j"))
     sub = cluster.submit_generate(str(run), str(out), gen, 3, None, opts)

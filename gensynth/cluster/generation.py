@@ -11,13 +11,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gensynth.cluster.environment import EarlySignals, distributed_env
 from gensynth.cluster.jobs import JobFailed, job_info, last_error_line, requeue
 from gensynth.cluster.options import SlurmOptions, check_options, make_executor, sbatch_parameters, sbatch_script
 from gensynth.errors import UsageError
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE
+
+if TYPE_CHECKING:  # the generate package imports torch: loaded only when a job runs
+    from gensynth.generate import GenerateOptions
 
 log = logging.getLogger("gensynth")
 
@@ -41,8 +44,8 @@ class GenerateTask:
     """What array task i of a generation job runs: its shards (k % tasks == i), no manifest. Several SLURM
     tasks per array task split that share again (torch.distributed environment, as for training)."""
 
-    def __init__(self, source: str, out: str, tasks: int, kwargs: dict[str, Any], max_requeues: int):
-        self.source, self.out, self.tasks, self.kwargs = source, out, tasks, kwargs
+    def __init__(self, source: str, out: str, tasks: int, gen: GenerateOptions, max_requeues: int):
+        self.source, self.out, self.tasks, self.gen = source, out, tasks, gen
         self.max_requeues = max_requeues
 
     def __call__(self, task: int) -> dict[str, Any]:
@@ -52,7 +55,7 @@ class GenerateTask:
             from gensynth.generate import GenerationStopped, generate
 
             try:
-                result = generate(self.source, self.out, task=task, tasks=self.tasks, **self.kwargs)
+                result = generate(self.source, self.out, self.gen, task=task, tasks=self.tasks)
             except GenerationStopped as e:  # the shard in progress was finished; the rest is for the requeue
                 log.warning("%s", e)
                 if int(os.environ.get("SLURM_PROCID", "0")) == 0:
@@ -67,13 +70,13 @@ class GenerateTask:
 class FinalizeTask:
     """The step after the array: verify every shard against its receipt and write the manifest."""
 
-    def __init__(self, source: str, out: str, kwargs: dict[str, Any]):
-        self.source, self.out, self.kwargs = source, out, kwargs
+    def __init__(self, source: str, out: str, gen: GenerateOptions):
+        self.source, self.out, self.gen = source, out, gen
 
     def __call__(self) -> list[str]:
         from gensynth.generate import generate, summary
 
-        return summary(generate(self.source, self.out, finalize_only=True, **{**self.kwargs, "device": "cpu"}))
+        return summary(generate(self.source, self.out, self.gen, finalize=True, device="cpu"))
 
 
 @dataclass
@@ -106,7 +109,7 @@ class GenerationSubmission:
         return lines
 
 
-def prepare_generate(source: str, out: str, gen: dict[str, Any], tasks: int, task_ids: list[int] | None,
+def prepare_generate(source: str, out: str, gen: GenerateOptions, tasks: int, task_ids: list[int] | None,
                      opts: SlurmOptions) -> tuple[GenerateTask, FinalizeTask | None, GenerationSubmission]:
     """Check the generation arguments here (a bad one fails now, not in the queue), then build the job."""
     from gensynth.families import load_sampler
@@ -120,8 +123,7 @@ def prepare_generate(source: str, out: str, gen: dict[str, Any], tasks: int, tas
         raise UsageError(f"--task-ids {','.join(map(str, task_ids or []))}: each must be in 0..{tasks - 1} "
                          f"(--array {tasks})")
     sampler = load_sampler(source, device="cpu")
-    job = build_job(sampler, source, gen.get("num"), gen.get("per_class"), gen.get("seed", 0),
-                    gen.get("shard_size", 5000), gen.get("encoding", "png"), gen.get("options") or {})
+    job = build_job(sampler, source, gen)
     if tasks > job.num_shards:
         raise UsageError(f"--array {tasks}: the job has only {job.num_shards} shards; use at most that many tasks")
     folder = opts.log_folder or str(Path("slurm-logs") / "%j")
@@ -140,7 +142,7 @@ def prepare_generate(source: str, out: str, gen: dict[str, Any], tasks: int, tas
     return task, final, sub
 
 
-def submit_generate(source: str, out: str, gen: dict[str, Any], tasks: int, task_ids: list[int] | None,
+def submit_generate(source: str, out: str, gen: GenerateOptions, tasks: int, task_ids: list[int] | None,
                     opts: SlurmOptions, dry_run: bool = False) -> GenerationSubmission:
     """Submit array tasks (all, or only `task_ids`: a failed task is resubmitted alone) and, for more
     than one task, the finalizing job that runs when they have all ended."""

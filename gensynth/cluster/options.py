@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gensynth.config import option
+from gensynth.config import from_values, option
 from gensynth.errors import UsageError
 
 
@@ -137,5 +137,4 @@ def check_options(opts: SlurmOptions) -> None:
 
 def options_from(values: dict[str, Any]) -> SlurmOptions:
     """SlurmOptions from parsed arguments (unknown keys ignored, None means default)."""
-    names = {f.name for f in dataclasses.fields(SlurmOptions)}
-    return SlurmOptions(**{k: v for k, v in values.items() if k in names and v is not None})
+    return from_values(SlurmOptions, values)
