@@ -11,9 +11,10 @@ from gensynth.cli import main
 from gensynth.data.manifest import read_manifest
 from gensynth.evaluate.classifier import SmallCNN
 from gensynth.evaluate.extractor import KIND
+from gensynth.evaluate.filter import SampleFilter
 from gensynth.export import save_export
 from gensynth.families import load_sampler
-from gensynth.generate import GenerateOptions, SampleFilter, build_job, draw_shard, interleaved_labels
+from gensynth.generate import GenerateOptions, build_job, draw_shard, interleaved_labels
 
 
 class BrightnessJudge(nn.Module):

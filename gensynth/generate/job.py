@@ -1,0 +1,264 @@
+"""The job: this worker's shards, the check of OUT, the verification and the manifest (finalize)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gensynth import __version__, storage
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
+from gensynth.data.writer import shard_name
+from gensynth.errors import GensynthError, UsageError
+from gensynth.evaluate.filter import load_filter
+from gensynth.families import load_sampler
+from gensynth.families.sampling import Sampler
+from gensynth.generate.options import GenerateOptions
+from gensynth.generate.plan import SPLIT, Job, build_job, interleaved_labels, my_shards
+from gensynth.generate.shards import RECEIPTS, draw_shard, read_receipt, shard_is_done, write_shard
+from gensynth.progress import progress
+from gensynth.runtime.ranks import rank_world
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
+
+log = logging.getLogger("gensynth")
+
+
+class IncompleteGeneration(GensynthError):
+    """--finalize found shards missing or not matching their receipts."""
+
+
+class GenerationStopped(GensynthError):
+    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2) arrived: the shard in progress was finished, the rest
+    is left for a rerun. Exits with the requeue code, like training."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+
+@dataclass
+class Result:
+    out: str
+    generated: int = 0  # shards drawn by this worker in this run
+    skipped: int = 0  # shards of this worker already complete
+    samples: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    manifest: Manifest | None = None
+    finalized_only: bool = False  # --finalize: verified the shards and wrote the manifest, drew nothing
+
+    def add(self, receipt: dict[str, Any]) -> None:
+        self.generated += 1
+        self.samples += receipt["samples"]
+        self.bytes += receipt["bytes"]
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the model learnt from: {"train", "manifest_sha256"} of its training images. A prior trains on code
+    shards: then the images behind them, with "codes" (the code shards) and "vqvae" (the VQ-VAE's own
+    training set), so that memorisation and the K-shot check look at every image the model saw."""
+    data = cfg.get("data", {})
+    entry = {"train": data.get("train"), "manifest_sha256": data.get("manifest_sha256")}
+    if data.get("images"):
+        entry = {**data["images"], "codes": entry}
+    vqvae_data = (cfg.get("vqvae") or {}).get("data")
+    if vqvae_data:
+        entry["vqvae"] = {"train": vqvae_data.get("train"), "manifest_sha256": vqvae_data.get("manifest_sha256")}
+    return entry
+
+
+def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> dict[str, Any]:
+    cfg = sampler.config
+    kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
+                                            "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
+    return {"kind": "generate", "family": sampler.family,
+            "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
+                       "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
+            "training_data": training_data(cfg),
+            "seed": job.seed, "num": job.num, "per_class": {str(c): n for c, n in enumerate(job.counts)},
+            "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": kept,
+            "fingerprint": job.fingerprint(), "gensynth_version": __version__}
+
+
+def check_out(out: str, job: Job, overwrite: bool) -> None:
+    """Refuse to mix two different jobs in one OUT; with overwrite, clear the old one (manifest first)."""
+    fingerprint = job.fingerprint()
+    if storage.exists(manifest_url(out)):
+        same = read_manifest(out).provenance.get("fingerprint") == fingerprint
+        what = "a finished shard set made with other settings"
+    else:
+        names = [n for n in storage.listdir(storage.join(out, RECEIPTS)) if n.endswith(".json")][:100]
+        same = all((read_receipt(out, n.replace(".json", ".tar")) or {}).get("job", fingerprint) == fingerprint
+                   for n in names)
+        what = "an unfinished generation with other settings (rerun it with its own arguments to finish it)"
+    if same:
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another OUT")
+    log.info("--overwrite: removing the previous set in %s", out)
+    storage.remove(manifest_url(out))
+    for name in storage.listdir(storage.join(out, RECEIPTS)):
+        storage.remove(storage.join(out, RECEIPTS, name))
+    for name in storage.listdir(out):
+        if name.startswith(f"{SPLIT}-") and name.endswith(".tar"):
+            storage.remove(storage.join(out, name))
+
+
+def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
+    """Verify every shard against its receipt, then write the manifest (atomically, last)."""
+    shards, histogram, missing = [], np.zeros(sampler.num_classes, dtype=np.int64), []
+    dropped = np.zeros(sampler.num_classes, dtype=np.int64)
+    for k in progress(range(job.num_shards), total=job.num_shards, desc="verify", unit="shards"):
+        name = shard_name(SPLIT, k)
+        receipt = shard_is_done(out, name, job)
+        if receipt is None:
+            missing.append(name)
+            continue
+        shards.append(ShardInfo(name, receipt["samples"], receipt["bytes"], receipt["sha256"]))
+        for c, n in receipt["class_counts"].items():
+            histogram[int(c)] += n
+        for c, n in receipt.get("dropped", {}).items():
+            dropped[int(c)] += n
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise IncompleteGeneration(f"{out}: {len(missing)} of {job.num_shards} shards are missing or do not match "
+                                   f"their receipts ({shown}); run the generation (or the array tasks that own "
+                                   "them) again with the same arguments, then --finalize")
+    h, w, c = sampler.height, sampler.width, sampler.channels
+    schema = {"key": "str", "image": {"field": job.encoding, "encoding": job.encoding, "height": h, "width": w,
+                                      "channels": c, "dtype": "uint8"}, "cls": "int", "json": "object"}
+    manifest = Manifest(split=SPLIT, shards=shards, schema=schema,
+                        class_histogram={str(k): int(n) for k, n in enumerate(histogram) if n},
+                        classes=list(sampler.classes), provenance=provenance(sampler, job, source, dropped))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def pick_device(device: str, local_rank: int) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA device is visible; use --device auto or cpu")
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def generate(source: str, out: str, opts: GenerateOptions | None = None, **fields: Any) -> Result:
+    """Write this worker's shards of the job (and the manifest, when this worker is the only one, or rank 0
+    of a process group with a single task). Returns what was done. `fields` are GenerateOptions fields by
+    name, over `opts`. With `filter_threshold`, only samples that the classifier (`filter_classifier`, or
+    the cached feature extractor of the model's training data) gives their label with at least that
+    probability are kept; the rest are redrawn and counted."""
+    opts = dataclasses.replace(opts or GenerateOptions(), **fields)
+    task, tasks, overwrite = opts.task, opts.tasks, opts.overwrite
+    if not 0 <= task < tasks:
+        raise UsageError(f"--task {task} of --tasks {tasks}: need 0 <= task < tasks")
+    rank, world = rank_world()
+    out = str(out).rstrip("/")
+    sampler = load_sampler(source, device=pick_device(opts.device, int(os.environ.get("LOCAL_RANK", rank))))
+    keep = None
+    if opts.filter_threshold is not None:
+        keep = load_filter(opts.filter_classifier, sampler.config.get("data", {}).get("train"), opts.filter_threshold)
+    job = build_job(sampler, source, opts, keep)
+    result = Result(out)
+    if opts.finalize:
+        result.manifest = finalize(out, sampler, job, source)
+        result.finalized_only = True
+        return result
+    if overwrite and tasks > 1:
+        raise UsageError("--overwrite with --tasks > 1 would let one task clear what another is writing; "
+                         "clear OUT first (or run once with --overwrite and --tasks 1)")
+    if rank == 0:
+        check_out(out, job, overwrite)
+    for folder in (out, storage.join(out, RECEIPTS)):  # temporary files of killed runs (storage.is_debris)
+        storage.remove_debris(folder)
+    group = _process_group(world)
+    if group:
+        torch.distributed.barrier()  # rank 0 has cleared OUT (with --overwrite) before anyone writes
+    if storage.exists(manifest_url(out)) and read_manifest(out).provenance.get("fingerprint") == job.fingerprint():
+        log.info("%s is already complete (%s): nothing to do", out, MANIFEST_NAME)
+        result.manifest = read_manifest(out)
+        return result
+    labels = interleaved_labels(list(job.counts))
+    worker, workers = task * world + rank, tasks * world
+    mine = my_shards(job.num_shards, worker, workers)
+    log.info("generating %d of %d shards (%d samples each, worker %d of %d) from a %s export into %s",
+             len(mine), job.num_shards, job.shard_size, worker, workers, sampler.family, out)
+    start = time.perf_counter()
+    # On a GPU, draw shard k+1 while a thread encodes and writes shard k. On the CPU the model's threads
+    # already use every core, and a writer thread beside them stalls their parallel regions: write inline.
+    overlap = sampler.device.type == "cuda"
+    with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer:
+        pending: Future | None = None
+        for k in progress(mine, total=len(mine), desc="generate", unit="shards"):
+            if stop.requested:
+                break
+            if shard_is_done(out, shard_name(SPLIT, k), job) is not None:
+                result.skipped += 1
+                continue
+            images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
+            if pending is not None:
+                result.add(pending.result())
+                pending = None
+            if overlap:
+                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, scores, dropped, out)
+            else:
+                result.add(write_shard(sampler, job, k, images, shard_labels, scores, dropped, out))
+        if pending is not None:
+            result.add(pending.result())
+    result.seconds = time.perf_counter() - start
+    if stop.requested:
+        raise GenerationStopped(f"stopped by {stop.name} after {result.generated} new shards ({result.skipped} "
+                                "were already there); every finished shard is kept: rerun the same command to "
+                                "finish the rest")
+    if group:
+        torch.distributed.barrier()
+    if tasks == 1 and rank == 0:
+        result.manifest = finalize(out, sampler, job, source)
+    if group:
+        torch.distributed.barrier()
+    return result
+
+
+def _process_group(world: int) -> bool:
+    """Join the launcher's process group (gloo: it only carries barriers) when there are several processes."""
+    if world <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return True
+
+
+def summary(result: Result) -> list[str]:
+    """The closing lines: what was done, and how a consumer reads the set."""
+    if result.finalized_only:
+        lines = ["every shard is there and matches its receipt: manifest written"]
+    elif result.generated:
+        lines = [f"generated {result.samples} samples in {result.generated} shards "
+                 f"({result.bytes / 1e6:.1f} MB) at {result.samples_per_s:,.0f} samples/s"
+                 + (f"; {result.skipped} shards were already complete" if result.skipped else "")]
+    else:
+        lines = [f"nothing to generate: {result.skipped} shards were already complete" if result.skipped
+                 else "nothing to generate: the set was already complete"]
+    m = result.manifest
+    if m is None:
+        return [*lines, "no manifest yet: when every task is done, run the same command with --finalize"]
+    pattern = storage.join(result.out, f"{SPLIT}-{{000000..{len(m.shards) - 1:06d}}}.tar")
+    return [*lines,
+            f"synthetic set: {m.num_samples} samples in {len(m.shards)} shards, {m.num_bytes / 1e6:.1f} MB, "
+            f"manifest {manifest_url(result.out)}",
+            "read it with:",
+            f"  gensynth inspect {result.out} --verify",
+            f"  webdataset.WebDataset('{pattern}').decode('pil')",
+            f"  datasets.load_dataset('webdataset', data_files='{storage.join(result.out, '*.tar')}', split='train')",
+            f"  gensynth.data.ShardLoader('{result.out}', batch_size=128)"]

@@ -1,0 +1,40 @@
+"""GenerateOptions: every option of a generation, its default and help, for the CLI, the API and SLURM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gensynth.config import option
+
+
+@dataclass
+class GenerateOptions:
+    """How to generate: the plan, the family's sampling options, the filter and how this worker runs.
+    `gensynth generate` makes one --flag per field; `gensynth submit generate` all but task, tasks,
+    finalize and overwrite (the array sets those); `generate(source, out, num=...)` takes them by name."""
+
+    num: int | None = option(None, "number of samples (balanced over the classes unless --per-class)")
+    per_class: str | list | None = option(None, "counts per class (1000,0,500,...) or proportions "
+                                          "(0.5,0.1,...), index = label")
+    seed: int = option(0, "shard k draws from (seed, k) alone", min=0)
+    shard_size: int = option(5000, "samples per shard", min=1)
+    encoding: str = option("png", "image encoding", choices=("png", "npy"))
+    truncation: float | None = option(None, "GAN: truncation trick threshold (0 = off)")
+    temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
+    top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")
+    device: str = option("auto", "where to run the model", choices=("auto", "cpu", "cuda"))
+    filter_threshold: float | None = option(
+        None, "keep only samples that a classifier gives their label with probability >= FILTER_THRESHOLD (0.9 when "
+        "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)
+    filter_classifier: str = option("", "the classifier export for --filter (default: the cached feature "
+                                    "extractor of the model's training data, trained on first use)")
+    task: int = option(0, "this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)", min=0)
+    tasks: int = option(1, "number of array tasks; with more than 1, no manifest is written: run --finalize "
+                        "when all are done", min=1)
+    finalize: bool = option(False, "only verify every shard and write the manifest")
+    overwrite: bool = option(False, "replace a set made with other settings in OUT")
+
+    def sampling(self) -> dict[str, Any]:
+        """The family's sampling options that were given (the sampler fills in its defaults)."""
+        return {"truncation": self.truncation, "temperature": self.temperature, "top_k": self.top_k}

@@ -1,0 +1,111 @@
+"""One shard: drawn from its own generator, published whole, then its receipt; a rerun trusts a shard
+only when it matches its receipt."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from gensynth import storage
+from gensynth.data.codec import encode_image
+from gensynth.data.writer import shard_name, write_tar
+from gensynth.errors import GensynthError
+from gensynth.evaluate.filter import SampleFilter
+from gensynth.families.sampling import Sampler
+from gensynth.generate.plan import SPLIT, Job, shard_generator
+from gensynth.runtime.faults import crash_point
+
+log = logging.getLogger("gensynth")
+RECEIPTS = "receipts"
+
+
+def receipt_url(out: str, name: str) -> str:
+    return storage.join(out, RECEIPTS, name.replace(".tar", ".json"))
+
+
+def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
+               keep: SampleFilter | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Shard k's images (uint8 n x H x W x C), labels, filter scores (or None) and drops per class: a
+    function of (export, job, k) alone. With a filter, rejected samples are redrawn (for the same labels,
+    from the same generator) until every place is filled."""
+    lo, hi = job.shard_range(k)
+    shard_labels = torch.from_numpy(labels[lo:hi])
+    generator = shard_generator(job.seed, k)
+    images = sampler.sample(shard_labels, generator, job.options)
+    dropped = np.zeros(sampler.num_classes, dtype=np.int64)
+    if keep is None:
+        return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), None, dropped
+    scores = keep.scores(images, shard_labels)
+    for _ in range(keep.MAX_ROUNDS):
+        rejected = (scores < keep.threshold).nonzero().squeeze(1)
+        if len(rejected) == 0:
+            break
+        dropped += np.bincount(shard_labels[rejected].numpy(), minlength=sampler.num_classes)
+        redrawn = sampler.sample(shard_labels[rejected], generator, job.options)
+        images[rejected] = redrawn
+        scores[rejected] = keep.scores(redrawn, shard_labels[rejected])
+    else:
+        short = sorted({sampler.classes[int(c)] for c in shard_labels[scores < keep.threshold]})
+        raise GensynthError(f"shard {k}: after {keep.MAX_ROUNDS} redraws some samples of {', '.join(short)} still "
+                            f"score below --filter-threshold {keep.threshold}; the model rarely makes that class "
+                            "recognisably: lower the threshold or improve the model")
+    return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
+
+
+def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
+                scores: np.ndarray | None, dropped: np.ndarray, out: str) -> dict[str, Any]:
+    """Encode shard k, publish it whole, then its receipt; return the receipt."""
+    lo, _ = job.shard_range(k)
+    meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
+                   "shard": k, "options": job.options}
+
+    def samples():
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            if i == len(labels) // 2:
+                crash_point("generate.write")  # the shard's temporary file is half written
+            meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
+            if scores is not None:
+                meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
+            yield job.key(lo + i), {job.encoding: encode_image(image, job.encoding),
+                                    "cls": str(label).encode("ascii"),
+                                    "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
+
+    name = shard_name(SPLIT, k)
+    info = write_tar(storage.join(out, name), samples())
+    counts = np.bincount(labels, minlength=sampler.num_classes)
+    receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
+               "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint()}
+    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
+    return receipt
+
+
+def read_receipt(out: str, name: str) -> dict[str, Any] | None:
+    url = receipt_url(out, name)
+    if not storage.exists(url):
+        return None
+    try:
+        return json.loads(storage.read_bytes(url))
+    except ValueError:
+        return None  # a receipt is written atomically; an unreadable one is treated as absent
+
+
+def shard_is_done(out: str, name: str, job: Job, verify: bool = True) -> dict[str, Any] | None:
+    """The shard's receipt when the shard is there and matches it (sha256 re-checked when `verify`)."""
+    receipt = read_receipt(out, name)
+    if receipt is None or receipt.get("job") != job.fingerprint():
+        return None
+    url = storage.join(out, name)
+    if not storage.exists(url):
+        return None
+    if verify:
+        digest, size = storage.sha256_of(url)
+        if (digest, size) != (receipt["sha256"], receipt["bytes"]):
+            log.warning("%s does not match its receipt (sha256 %s..., %d bytes): regenerating it",
+                        url, digest[:12], size)
+            return None
+    return receipt
