@@ -57,3 +57,11 @@ class Family:
 
     def fail(self, where: str, text: str) -> NoReturn:
         raise ConfigError(f"{where}: {text}")
+
+    def check_downsampling(self, cfg: Config, where: str, downsamples: int) -> None:
+        """A convolutional family that halves the image `downsamples` times needs a resolution divisible by
+        2^downsamples (its option `<name>.downsamples`)."""
+        r = cfg.model.resolution
+        if r % 2**downsamples:
+            self.fail(where, f"model.resolution={r} is not allowed for model.family={self.name}: divisible by "
+                      f"2^{self.name}.downsamples = {2**downsamples} (28 works for 28x28 data with 2 downsamples)")

@@ -37,6 +37,12 @@ class StepResult:
     nonfinite: bool = False  # a loss was NaN or Inf on this rank
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The config's rate wins over the one stored with the optimizer state (after a resume)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 class Trainer:
     """The object the training loop drives, one per process; a family's `trainer(cfg, accelerator, data)` builds
     it. Models and optimizers go through `accelerator.prepare` and any other state through

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from gensynth.config import Config
 from gensynth.families.gan.augment import diff_augment, parse_policy
 from gensynth.families.gan.ema import EMA
-from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step
+from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step, set_learning_rate
 from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.dcgan import Discriminator, Generator
 
@@ -107,10 +107,8 @@ class GANTrainer(Trainer):
         return {"G": unwrap(self.G), "D": unwrap(self.D), "G_ema": self.ema.model}
 
     def after_restore(self) -> None:
-        """The config's learning rates win over the ones stored with the optimizer state."""
-        for opt, lr in ((self.opt_g, self.cfg.gan.lr_g), (self.opt_d, self.cfg.gan.lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        set_learning_rate(self.opt_g, self.cfg.gan.lr_g)
+        set_learning_rate(self.opt_d, self.cfg.gan.lr_d)
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr/g": self.opt_g.param_groups[0]["lr"], "lr/d": self.opt_d.param_groups[0]["lr"]}

@@ -45,10 +45,7 @@ class VAEFamily(Family):
     Options = VAEOptions
 
     def check(self, cfg: Config, where: str) -> None:
-        r, downsamples = cfg.model.resolution, cfg.vae.downsamples
-        if r % 2**downsamples:
-            self.fail(where, f"model.resolution={r} is not allowed for model.family=vae: divisible by "
-                      f"2^vae.downsamples = {2**downsamples} (28 works for 28x28 data with 2 downsamples)")
+        self.check_downsampling(cfg, where, cfg.vae.downsamples)
 
     def trainer(self, cfg: Config, accelerator: Accelerator, data: DataInfo) -> Trainer:
         from gensynth.families.vae.trainer import VAETrainer

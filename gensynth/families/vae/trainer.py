@@ -28,7 +28,7 @@ from accelerate import Accelerator
 
 from gensynth.config import Config
 from gensynth.errors import UsageError
-from gensynth.families.training import DataInfo, SeededSampling, StepResult, clip_and_step
+from gensynth.families.training import DataInfo, SeededSampling, StepResult, clip_and_step, set_learning_rate
 from gensynth.families.vae.sampler import vae_images
 from gensynth.imaging import pad_amounts
 from gensynth.models.vae import VAE, gaussian_nll, kl_to_standard_normal, optimal_log_sigma
@@ -135,8 +135,7 @@ class VAETrainer(SeededSampling):
         return {"vae": self.raw}
 
     def after_restore(self) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = self.cfg.vae.lr
+        set_learning_rate(self.opt, self.cfg.vae.lr)
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr": self.opt.param_groups[0]["lr"]}

@@ -62,10 +62,7 @@ class VQVAEFamily(Family):
     Options = VQVAEOptions
 
     def check(self, cfg: Config, where: str) -> None:
-        r, downsamples = cfg.model.resolution, cfg.vqvae.downsamples
-        if r % 2**downsamples:
-            self.fail(where, f"model.resolution={r} is not allowed for model.family=vqvae: divisible by "
-                      f"2^vqvae.downsamples = {2**downsamples} (28 works for 28x28 data with 2 downsamples)")
+        self.check_downsampling(cfg, where, cfg.vqvae.downsamples)
 
     def trainer(self, cfg: Config, accelerator: Accelerator, data: DataInfo) -> Trainer:
         from gensynth.families.vqvae.trainer import VQVAETrainer

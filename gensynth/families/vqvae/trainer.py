@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from gensynth.config import Config
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
-from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step
+from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step, set_learning_rate
 from gensynth.families.vqvae.sampler import vqvae_reconstruct
 from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.vqvae import VQVAE
@@ -120,8 +120,7 @@ class VQVAETrainer(Trainer):
         return {"vqvae": self.raw}
 
     def after_restore(self) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = self.cfg.vqvae.lr
+        set_learning_rate(self.opt, self.cfg.vqvae.lr)
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr": self.opt.param_groups[0]["lr"]}
