@@ -27,7 +27,10 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine, report  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
 from gensynth.families import load_run_config, load_sampler  # noqa: E402
-from gensynth.generate import GenerateOptions, build_job, draw_shard, generate, interleaved_labels  # noqa: E402
+from gensynth.generate.job import generate  # noqa: E402
+from gensynth.generate.options import GenerateOptions  # noqa: E402
+from gensynth.generate.plan import build_job, interleaved_labels  # noqa: E402
+from gensynth.generate.shards import draw_shard  # noqa: E402
 from gensynth.models.dcgan import Generator  # noqa: E402
 
 

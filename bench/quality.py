@@ -48,7 +48,7 @@ from gensynth.data.sources import open_source  # noqa: E402
 from gensynth.demo import ensure_fashion_shards  # noqa: E402
 from gensynth.evaluate.extractor import resolve_extractor  # noqa: E402
 from gensynth.evaluate.synthetic import evaluate_synthetic  # noqa: E402
-from gensynth.generate import generate  # noqa: E402
+from gensynth.generate.job import generate  # noqa: E402
 from gensynth.train.checkpoint import latest_checkpoint  # noqa: E402
 
 REQUEUE = 75

@@ -59,7 +59,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, schema: type, skip: t
 
 def add_generation_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """What `gensynth generate` and `gensynth submit generate` share: the model, OUT and GenerateOptions."""
-    from gensynth.generate import GenerateOptions
+    from gensynth.generate.options import GenerateOptions
 
     p.add_argument("source", help="a run directory (runs/<name>) or an export directory")
     p.add_argument("out", help="output: a folder or s3://bucket/prefix (it holds the shards and manifest.json)")
@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         return train(load_run_config(args.config, args.overrides))
     if args.command == "generate":
         from gensynth.config import from_values
-        from gensynth.generate import GenerateOptions, generate, summary
+        from gensynth.generate.job import generate, summary
+        from gensynth.generate.options import GenerateOptions
         from gensynth.runtime.ranks import rank_world
 
         result = generate(args.source, args.out, from_values(GenerateOptions, vars(args)))
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--task-ids {','.join(args.task_ids)}: expected task numbers, e.g. 1,3") from None
         from gensynth.config import from_values
-        from gensynth.generate import GenerateOptions
+        from gensynth.generate.options import GenerateOptions
 
         gen = from_values(GenerateOptions, vars(args))
         gsub = cluster.submit_generate(args.source, args.out, gen, args.array, task_ids,

@@ -20,7 +20,7 @@ from gensynth.data.sources import open_source
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
 from gensynth.families import load_run_config
-from gensynth.generate import generate, summary
+from gensynth.generate.job import generate, summary
 from gensynth.inspection import inspect
 from gensynth.runtime.layout import RunLayout
 from gensynth.train.loop import train

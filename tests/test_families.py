@@ -271,7 +271,7 @@ def test_prior_synthetic_set_names_the_images_it_learnt_from_for_memorisation_an
     from gensynth.data.manifest import manifest_sha256
     from gensynth.evaluate.sets import load_image_set
     from gensynth.evaluate.usefulness import check_generator_saw_only
-    from gensynth.generate import generate
+    from gensynth.generate.job import generate
 
     codes = tmp_path / "codes"
     config = tiny_family_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]),
@@ -307,7 +307,7 @@ def test_prior_refuses_codes_of_another_vqvae_and_a_missing_vqvae(toy, vqvae_run
 def evaluate_generated(run: Path, toy: dict[str, str], folder: Path) -> dict:
     """`gensynth eval` (the library entry) of 30 samples generated from `run`, CAS off, a tiny extractor."""
     from gensynth.evaluate.synthetic import evaluate_synthetic
-    from gensynth.generate import generate
+    from gensynth.generate.job import generate
 
     generate(str(run), str(folder / "synth"), num=30, shard_size=30)
     cfg = EvalConfig(cache=str(Path(toy["root"]) / "extractors"), extractor_epochs=1.0, num=30, kid_subset=10,

@@ -21,7 +21,7 @@ from gensynth.cli import main
 from gensynth.data.manifest import read_manifest, verify_shards
 from gensynth.data.stream import ShardLoader
 from gensynth.data.tario import iter_samples
-from gensynth.generate import class_counts, interleaved_labels
+from gensynth.generate.plan import class_counts, interleaved_labels
 from tests.conftest import REPO, free_port, subprocess_env
 from tests.helpers import TIMEOUT_S, gensynth
 

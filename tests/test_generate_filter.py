@@ -14,7 +14,9 @@ from gensynth.evaluate.extractor import KIND
 from gensynth.evaluate.filter import SampleFilter
 from gensynth.export import save_export
 from gensynth.families import load_sampler
-from gensynth.generate import GenerateOptions, build_job, draw_shard, interleaved_labels
+from gensynth.generate.options import GenerateOptions
+from gensynth.generate.plan import build_job, interleaved_labels
+from gensynth.generate.shards import draw_shard
 
 
 class BrightnessJudge(nn.Module):

@@ -372,7 +372,8 @@ def test_a_cancelled_job_checkpoints_and_stays_cancelled(jobs):
 
 @pytest.mark.slurm
 def test_generation_array_writes_the_same_shards_as_one_process(jobs, tmp_path):
-    from gensynth.generate import GenerateOptions, generate
+    from gensynth.generate.job import generate
+    from gensynth.generate.options import GenerateOptions
 
     run = jobs.subs["reference"].run_dir
     cluster.wait(jobs.subs["reference"], poll_s=1, timeout_s=JOB_TIMEOUT_S)

@@ -20,7 +20,7 @@ from gensynth.errors import UsageError
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE
 
 if TYPE_CHECKING:  # the generate package imports torch: loaded only when a job runs
-    from gensynth.generate import GenerateOptions
+    from gensynth.generate.options import GenerateOptions
 
 log = logging.getLogger("gensynth")
 
@@ -52,7 +52,7 @@ class GenerateTask:
         with EarlySignals():
             if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
                 os.environ.update(distributed_env())
-            from gensynth.generate import GenerationStopped, generate
+            from gensynth.generate.job import GenerationStopped, generate
 
             try:
                 result = generate(self.source, self.out, self.gen, task=task, tasks=self.tasks)
@@ -74,7 +74,7 @@ class FinalizeTask:
         self.source, self.out, self.gen = source, out, gen
 
     def __call__(self) -> list[str]:
-        from gensynth.generate import generate, summary
+        from gensynth.generate.job import generate, summary
 
         return summary(generate(self.source, self.out, self.gen, finalize=True, device="cpu"))
 
@@ -113,7 +113,7 @@ def prepare_generate(source: str, out: str, gen: GenerateOptions, tasks: int, ta
                      opts: SlurmOptions) -> tuple[GenerateTask, FinalizeTask | None, GenerationSubmission]:
     """Check the generation arguments here (a bad one fails now, not in the queue), then build the job."""
     from gensynth.families import load_sampler
-    from gensynth.generate import build_job
+    from gensynth.generate.plan import build_job
 
     check_options(opts)
     if tasks < 1:

@@ -18,19 +18,3 @@ fingerprint). A rerun skips shards whose file matches its receipt and redoes the
 finished by running the same command again. The manifest is written last, atomically, by one writer,
 after every shard is there and verified: a reader that finds it may trust every shard it lists.
 """
-
-from gensynth.generate.job import (
-    GenerationStopped,
-    IncompleteGeneration,
-    Result,
-    finalize,
-    generate,
-    summary,
-)
-from gensynth.generate.options import GenerateOptions
-from gensynth.generate.plan import SPLIT, Job, build_job, class_counts, interleaved_labels, my_shards
-from gensynth.generate.shards import RECEIPTS, draw_shard, shard_is_done, write_shard
-
-__all__ = ["RECEIPTS", "SPLIT", "GenerateOptions", "GenerationStopped", "IncompleteGeneration", "Job", "Result",
-           "build_job", "class_counts", "draw_shard", "finalize", "generate", "interleaved_labels", "my_shards",
-           "shard_is_done", "summary", "write_shard"]
