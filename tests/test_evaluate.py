@@ -63,7 +63,8 @@ def write_set(folder: Path, images: np.ndarray, labels: np.ndarray, split: str =
 def synthetic_provenance(trained_on: str) -> dict:
     """What `gensynth generate` records: the generator's training data, by manifest sha256."""
     return {"kind": "generate", "family": "gan", "export": {"path": "nowhere", "weights_sha256": "0" * 64},
-            "training_data": {"train": trained_on, "manifest_sha256": manifest_sha256(trained_on)}, "seed": 0}
+            "training_data": [{"train": trained_on, "manifest_sha256": manifest_sha256(trained_on), "model": "gan",
+                               "kind": "images"}], "seed": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -238,12 +239,16 @@ def test_extractor_is_trained_once_then_reused_from_the_cache(toy, tmp_path, cap
 
 def test_augmentation_gain_refuses_a_generator_trained_on_more_than_the_k_set(toy):
     k_set, full = load_image_set(toy["k_set"]), load_image_set(toy["synth_full"])
-    with pytest.raises(UsageError, match="augmentation gain refused: the generator of .* was trained on"):
+    with pytest.raises(UsageError, match="augmentation gain refused: the gan stage behind .* was trained on"):
         check_generator_saw_only(full, k_set)
     check_generator_saw_only(load_image_set(toy["synth_k5"]), k_set)  # the right one passes
     unknown = load_image_set(toy["train"])  # no generation provenance at all
-    with pytest.raises(UsageError, match="no provenance.training_data.manifest_sha256"):
+    with pytest.raises(UsageError, match="does not give the manifest sha256 of every set"):
         check_generator_saw_only(unknown, k_set)
+    legacy = load_image_set(toy["synth_full"])  # a set generated before training_data was a list: one dict
+    legacy.manifest.provenance["training_data"] = legacy.provenance["training_data"][0]
+    with pytest.raises(UsageError, match="augmentation gain refused: the model behind"):
+        check_generator_saw_only(legacy, k_set)
 
 
 def test_cas_and_augmentation_gain_end_to_end_with_a_report_that_renders(toy, tmp_path):

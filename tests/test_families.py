@@ -277,20 +277,22 @@ def test_prior_synthetic_set_names_the_images_it_learnt_from_for_memorisation_an
     config = tiny_family_config(tmp_path, toy, "prior", data__train=str(codes), prior__vqvae=str(vqvae_run["run"]),
                          prior__images=toy["train"], train__steps=10, train__eval_every=0)
     train_ok(config)
-    data = load_export(run_dir(config))[1]["data"]
+    config_json = load_export(run_dir(config))[1]
+    data = config_json["data"]
     train_sha = manifest_sha256(toy["train"])
     assert data["manifest_sha256"] == manifest_sha256(str(codes)) != train_sha
-    assert data["images"] == {"train": toy["train"], "manifest_sha256": train_sha}
+    vqvae_seen = load_export(vqvae_run["run"])[1]["training_data"]
+    assert [(s["train"], s["manifest_sha256"], s["model"], s["kind"]) for s in config_json["training_data"]] == [
+        (toy["train"], train_sha, "prior", "images"), (str(codes), data["manifest_sha256"], "prior", "derived"),
+        *[(s["train"], s["manifest_sha256"], "vqvae", "images") for s in vqvae_seen]]
     out = tmp_path / "synth"
     generate(str(run_dir(config)), str(out), num=20, shard_size=10)
     synthetic = load_image_set(str(out))
     seen = synthetic.provenance["training_data"]
-    assert (seen["train"], seen["manifest_sha256"]) == (toy["train"], train_sha)
-    assert seen["codes"]["manifest_sha256"] == data["manifest_sha256"]
-    assert seen["vqvae"]["manifest_sha256"] == load_export(vqvae_run["run"])[1]["data"]["manifest_sha256"]
+    assert seen == config_json["training_data"]  # generation records the whole list
     check_generator_saw_only(synthetic, load_image_set(toy["train"]))  # both stages saw exactly this set
-    seen["vqvae"]["manifest_sha256"] = "0" * 64  # as if the VQ-VAE had trained on more images
-    with pytest.raises(UsageError, match="the VQ-VAE behind"):
+    seen[-1]["manifest_sha256"] = "0" * 64  # as if the VQ-VAE had trained on more images
+    with pytest.raises(UsageError, match="the vqvae stage behind"):
         check_generator_saw_only(synthetic, load_image_set(toy["train"]))
 
 

@@ -84,7 +84,8 @@ def test_local_set_reads_back_through_webdataset_hf_and_our_loader(tiny_gan, tmp
     export_cfg = json.loads((tiny_gan / "export" / "config.json").read_text())
     assert prov["kind"] == "generate" and prov["family"] == "gan" and prov["seed"] == 3
     assert prov["export"]["weights_sha256"] == export_cfg["weights_sha256"]
-    assert prov["training_data"]["manifest_sha256"] == export_cfg["data"]["manifest_sha256"]
+    assert prov["training_data"] == [{"train": export_cfg["data"]["train"], "kind": "images", "model": "gan",
+                                      "manifest_sha256": export_cfg["data"]["manifest_sha256"]}]
     assert prov["per_class"] == {str(c): n for c, n in enumerate(PER_CLASS)} and prov["gensynth_version"]
 
     import webdataset as wds

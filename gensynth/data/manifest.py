@@ -283,3 +283,28 @@ def _verify_shard(url: str, shard: ShardInfo, num_classes: int | None) -> list[s
         more = len(bad_labels) - 1
         problems.append(bad_labels[0] + (f" (and {more} more samples with a bad label)" if more else ""))
     return problems
+
+
+def training_sets(provenance: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every shard set the model behind a generated set saw, from its provenance.training_data: a list of
+    {"train", "manifest_sha256", "model", "kind"}, kind "images" (a set of real images it learnt from; the
+    first is the one its samples imitate) or "derived" (a set computed from one listed too, e.g. a prior's
+    code shards). Sets generated before the list existed recorded one dict; it is read as that list."""
+    recorded = (provenance or {}).get("training_data")
+    if isinstance(recorded, list):
+        return [s for s in recorded if isinstance(s, dict)]
+    if not isinstance(recorded, dict):
+        return []
+    old = dict(recorded)
+    sets = [{"train": old.get("train"), "manifest_sha256": old.get("manifest_sha256"), "model": None,
+             "kind": "images"}]
+    if isinstance(old.get("codes"), dict):
+        sets.append({**old["codes"], "model": "prior", "kind": "derived"})
+    if isinstance(old.get("vqvae"), dict):
+        sets.append({**old["vqvae"], "model": "vqvae", "kind": "images"})
+    return sets
+
+
+def imitated_set(provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """The real image set a generated set's samples imitate (the first "images" entry), or {}."""
+    return next((s for s in training_sets(provenance) if s.get("kind") == "images"), {})

@@ -26,7 +26,7 @@ import torch
 
 from gensynth import __version__, storage
 from gensynth.config import EvalConfig
-from gensynth.data.manifest import manifest_url
+from gensynth.data.manifest import imitated_set, manifest_url
 from gensynth.errors import UsageError
 from gensynth.evaluate import fidelity
 from gensynth.evaluate.classifier import Recipe
@@ -107,7 +107,7 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     if (synth_all.labels < 0).any():
         raise UsageError(f"{synthetic}: evaluation needs labelled synthetic samples (a cls field on every sample)")
     prov = synth_all.provenance or {}
-    trained_on = (prov.get("training_data") or {}).get("train")
+    trained_on = imitated_set(prov).get("train")
     train = train or trained_on
     if not train:
         raise UsageError(f"{synthetic}: its manifest does not name the generator's training data; "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gensynth.data.manifest import training_sets
 from gensynth.errors import UsageError
 from gensynth.evaluate.classifier import Pool, Recipe, SmallCNN, accuracy, embed, progress_log, train_classifier
 from gensynth.evaluate.sets import ImageSet, matching_subset
@@ -78,25 +79,22 @@ def per_class_count(labels: torch.Tensor) -> int | None:
 
 
 def check_generator_saw_only(synthetic: ImageSet, k_set: ImageSet) -> None:
-    """Refuse unless the synthetic set's generator was trained on exactly `k_set` (manifest sha256)."""
-    training = (synthetic.provenance or {}).get("training_data") or {}
-    saw = training.get("manifest_sha256")
-    if not saw:
-        raise UsageError(f"{synthetic.url}: its manifest has no provenance.training_data.manifest_sha256, so nothing "
-                         "shows its generator saw only the K real samples per class; augmentation gain needs a "
-                         "synthetic set written by `gensynth generate` from a model trained on that K set")
-    vqvae = training.get("vqvae") or {}  # a prior's first stage
-    if vqvae.get("manifest_sha256") and vqvae["manifest_sha256"] != k_set.manifest_sha256:
-        raise UsageError(f"augmentation gain refused: the VQ-VAE behind {synthetic.url} was trained on "
-                         f"{vqvae.get('train', '?')} (manifest sha256 {vqvae['manifest_sha256'][:12]}...), not on the "
-                         f"K-per-class set {k_set.url}, so it may have seen more labels; train the VQ-VAE and the "
-                         "prior on the K set and generate again")
-    if saw != k_set.manifest_sha256:
-        raise UsageError(f"augmentation gain refused: the generator of {synthetic.url} was trained on "
-                         f"{training.get('train', '?')} (manifest sha256 {saw[:12]}...), not on the K-per-class set "
-                         f"{k_set.url} (sha256 {str(k_set.manifest_sha256)[:12]}...), so it may have seen more "
-                         "labels; train it on the K set (gensynth shard shards:TRAIN OUT --per-class K) and "
-                         "generate again")
+    """Refuse unless every real image set the synthetic set's generator saw (all its stages: a prior's VQ-VAE
+    too) is exactly `k_set` (manifest sha256). Derived sets (code shards) are computed from a listed set."""
+    seen = [s for s in training_sets(synthetic.provenance) if s.get("kind") != "derived"]
+    if not seen or not all(s.get("manifest_sha256") for s in seen):
+        raise UsageError(f"{synthetic.url}: its manifest's provenance.training_data does not give the manifest "
+                         "sha256 of every set its generator saw, so nothing shows it saw only the K real samples per "
+                         "class; augmentation gain needs a synthetic set written by `gensynth generate` from a model "
+                         "trained on that K set")
+    for s in seen:
+        if s["manifest_sha256"] != k_set.manifest_sha256:
+            model = f"the {s['model']} stage" if s.get("model") else "the model"
+            raise UsageError(f"augmentation gain refused: {model} behind {synthetic.url} was trained on "
+                             f"{s.get('train', '?')} (manifest sha256 {s['manifest_sha256'][:12]}...), not on the "
+                             f"K-per-class set {k_set.url} (sha256 {str(k_set.manifest_sha256)[:12]}...), so it may "
+                             "have seen more labels; train every stage on the K set (gensynth shard shards:TRAIN OUT "
+                             "--per-class K) and generate again")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

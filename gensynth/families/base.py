@@ -55,6 +55,11 @@ class Family:
         """The Sampler of an export of this family, from its tensors and config.json."""
         raise NotImplementedError(f"family {self.name!r} has no sampler")
 
+    def bundled_training_data(self, export_config: dict[str, Any]) -> list[dict[str, Any]]:
+        """The training sets of other models an export carries inside it (the prior bundles its VQ-VAE), as
+        entries of the export's training_data list; they count for memorisation and the K-shot check."""
+        return []
+
     def fail(self, where: str, text: str) -> NoReturn:
         raise ConfigError(f"{where}: {text}")
 

@@ -62,20 +62,6 @@ class Result:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def training_data(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the model learnt from: {"train", "manifest_sha256"} of its training images. A prior trains on code
-    shards: then the images behind them, with "codes" (the code shards) and "vqvae" (the VQ-VAE's own
-    training set), so that memorisation and the K-shot check look at every image the model saw."""
-    data = cfg.get("data", {})
-    entry = {"train": data.get("train"), "manifest_sha256": data.get("manifest_sha256")}
-    if data.get("images"):
-        entry = {**data["images"], "codes": entry}
-    vqvae_data = (cfg.get("vqvae") or {}).get("data")
-    if vqvae_data:
-        entry["vqvae"] = {"train": vqvae_data.get("train"), "manifest_sha256": vqvae_data.get("manifest_sha256")}
-    return entry
-
-
 def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
@@ -83,7 +69,7 @@ def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> 
     return {"kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
-            "training_data": training_data(cfg),
+            "training_data": cfg.get("training_data") or [],  # every set the model saw
             "seed": job.seed, "num": job.num, "per_class": {str(c): n for c, n in enumerate(job.counts)},
             "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": kept,
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}

@@ -349,12 +349,21 @@ class Run:
         tracker.scalars(step, values)
 
     def export_data(self) -> dict[str, Any]:
-        """The training data an export records; for data that is not images (a prior's code shards), also the
-        image set behind it, which is what the model's samples are compared with and what it saw."""
-        data: dict[str, Any] = {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256}
-        if self.data.inputs != "image":
-            data["images"] = {"train": self.data.images, "manifest_sha256": self.data.images_manifest_sha256}
-        return data
+        """The shard set this run read (for a prior: its code shards)."""
+        return {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256}
+
+    def training_data(self, export_config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every set the exported model saw (gensynth.data.manifest.training_sets reads it back): the images
+        first; data that is not images (code shards) as "derived" after the images behind it; then the sets
+        of models bundled in the export (the family says which)."""
+        own = {"train": self.cfg.data.train, "manifest_sha256": self.data.manifest_sha256,
+               "model": self.cfg.model.family}
+        if self.data.inputs == "image":
+            sets = [{**own, "kind": "images"}]
+        else:
+            sets = [{"train": self.data.images, "manifest_sha256": self.data.images_manifest_sha256,
+                     "model": self.cfg.model.family, "kind": "images"}, {**own, "kind": "derived"}]
+        return sets + self.family.bundled_training_data(export_config)
 
     def write_export(self, folder: Path | None = None) -> None:
         if not self.acc.is_main_process:
@@ -367,6 +376,7 @@ class Run:
                        "image": {"height": self.data.height, "width": self.data.width,
                                  "channels": self.data.channels},
                        "data": self.export_data(),
+                       "training_data": self.training_data(config),
                        "trained_with": f"gensynth {__version__}"})
         save_export(folder, tensors, config)
         log.info("export written: %s", folder)

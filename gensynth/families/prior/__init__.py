@@ -60,6 +60,10 @@ class PriorFamily(Family):
 
         ensure_code_shards(cfg, accelerator)
 
+    def bundled_training_data(self, export_config: dict[str, Any]) -> list[dict[str, Any]]:
+        """The VQ-VAE's own training sets: its decoder shapes every sample."""
+        return [{**s, "model": "vqvae"} for s in export_config["vqvae"].get("training_data") or []]
+
     def trainer(self, cfg: Config, accelerator: Accelerator, data: DataInfo) -> Trainer:
         from gensynth.families.prior.trainer import PriorTrainer
 

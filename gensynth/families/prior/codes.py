@@ -44,6 +44,7 @@ def export_identity(export: str) -> dict[str, Any]:
                          "(model.family=vqvae) or its export/")
     return {"export": str(folder), "run": config.get("run"), "step": config.get("step"),
             "weights_sha256": config["weights_sha256"], "data": config.get("data"),
+            "training_data": config.get("training_data"),
             "config_sha256": hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()}
 
 
