@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -58,20 +58,17 @@ def staged_name(name: str, stage: str) -> str:
     return f".{name}{storage.TMP_MARK}{stage}"
 
 
-def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardInfo:
-    """Publish one shard whole (atomically) from (key, {extension: bytes}) samples; return its entry."""
-    with storage.atomic_write(url, "write shard") as f:
-        hashing = _HashingFile(f)
-        tar = TarShardWriter(hashing)
-        for key, fields in samples:
-            tar.write(key, fields)
-        tar.close()
-    return ShardInfo(storage.basename(url), tar.count, hashing.size, hashing.sha.hexdigest())
+def set_manifest(split: str, shards: list[ShardInfo], schema: dict[str, Any], histogram: Mapping[int, int],
+                 classes: list[str] | None, provenance: dict | None) -> Manifest:
+    """The manifest of shards written by ShardSetWriter (in one go, or by many tasks, then assembled)."""
+    return Manifest(split=split, shards=list(shards), schema=schema,
+                    class_histogram={str(k): int(v) for k, v in sorted(histogram.items()) if v},
+                    classes=classes, provenance=provenance or {})
 
 
 class ShardSetWriter:
     def __init__(self, folder: str, split: str, shard_size: int = 5000, encoding: str = "png",
-                 stage: str | None = None):
+                 stage: str | None = None, first_index: int = 0):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.folder = str(folder)
@@ -79,6 +76,7 @@ class ShardSetWriter:
         self.shard_size = shard_size
         self.encoding = encoding
         self.stage = stage
+        self.first_index = first_index  # the number of its first shard: a generation task writes shard k alone
         self.shards: list[ShardInfo] = []
         self.histogram: Counter[int] = Counter()
         self.image_shape: tuple[int, ...] | None = None
@@ -147,7 +145,7 @@ class ShardSetWriter:
         return ", ".join(f"{n} {d}{list(s)}" for n, (d, s) in sorted(arrays.items())) or "none"
 
     def _open_shard(self) -> None:
-        name = shard_name(self.split, len(self.shards))
+        name = shard_name(self.split, self.first_index + len(self.shards))
         self._stack = contextlib.ExitStack()
         stored = staged_name(name, self.stage) if self.stage else name
         f = self._stack.enter_context(storage.atomic_write(storage.join(self.folder, stored),
@@ -185,10 +183,7 @@ class ShardSetWriter:
     def manifest(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
         """Close the last shard; the set's manifest (not written)."""
         self.end_shard()
-        return Manifest(
-            split=self.split, shards=list(self.shards), schema=self.schema(),
-            class_histogram={str(k): v for k, v in sorted(self.histogram.items())},
-            classes=classes, provenance=provenance or {})
+        return set_manifest(self.split, self.shards, self.schema(), self.histogram, classes, provenance)
 
     def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
         """Close the last shard and write the manifest (atomically, last)."""

@@ -15,7 +15,7 @@ import torch
 
 from gensynth import __version__, storage
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
-from gensynth.data.writer import shard_name
+from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.filter import load_filter
 from gensynth.families import load_sampler
@@ -101,7 +101,7 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
 
 def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
-    shards, histogram, missing = [], np.zeros(sampler.num_classes, dtype=np.int64), []
+    shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
     for k in progress(range(job.num_shards), total=job.num_shards, desc="verify", unit="shards"):
         name = shard_name(SPLIT, k)
@@ -110,6 +110,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
             missing.append(name)
             continue
         shards.append(ShardInfo(name, receipt["samples"], receipt["bytes"], receipt["sha256"]))
+        schemas.append(receipt["schema"])
         for c, n in receipt["class_counts"].items():
             histogram[int(c)] += n
         for c, n in receipt.get("dropped", {}).items():
@@ -119,12 +120,11 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
         raise IncompleteGeneration(f"{out}: {len(missing)} of {job.num_shards} shards are missing or do not match "
                                    f"their receipts ({shown}); run the generation (or the array tasks that own "
                                    "them) again with the same arguments, then --finalize")
-    h, w, c = sampler.height, sampler.width, sampler.channels
-    schema = {"key": "str", "image": {"field": job.encoding, "encoding": job.encoding, "height": h, "width": w,
-                                      "channels": c, "dtype": "uint8"}, "cls": "int", "json": "object"}
-    manifest = Manifest(split=SPLIT, shards=shards, schema=schema,
-                        class_histogram={str(k): int(n) for k, n in enumerate(histogram) if n},
-                        classes=list(sampler.classes), provenance=provenance(sampler, job, source, dropped))
+    if any(schema != schemas[0] for schema in schemas):  # one job, one kind of sample: never expected
+        raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
+                                   "generation with --overwrite")
+    manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
+                            provenance(sampler, job, source, dropped))
     write_manifest(out, manifest)
     return manifest
 

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from gensynth import storage
-from gensynth.data.codec import encode_image
-from gensynth.data.writer import shard_name, write_tar
+from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import GensynthError
 from gensynth.evaluate.filter import SampleFilter
 from gensynth.families.sampling import Sampler
@@ -59,28 +58,26 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
 
 def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
                 scores: np.ndarray | None, dropped: np.ndarray, out: str) -> dict[str, Any]:
-    """Encode shard k, publish it whole, then its receipt; return the receipt."""
+    """Encode shard k, publish it whole, then its receipt (which carries the shard's schema, for the
+    manifest); return the receipt."""
     lo, _ = job.shard_range(k)
     meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
                    "shard": k, "options": job.options}
-
-    def samples():
+    with ShardSetWriter(out, SPLIT, shard_size=len(labels), encoding=job.encoding, first_index=k) as writer:
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             if i == len(labels) // 2:
                 crash_point("generate.write")  # the shard's temporary file is half written
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
-            yield job.key(lo + i), {job.encoding: encode_image(image, job.encoding),
-                                    "cls": str(label).encode("ascii"),
-                                    "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()}
-
-    name = shard_name(SPLIT, k)
-    info = write_tar(storage.join(out, name), samples())
+            writer.add(job.key(lo + i), image, label, meta)
+        writer.end_shard()
+    info = writer.shards[0]
     counts = np.bincount(labels, minlength=sampler.num_classes)
     receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
-               "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint()}
-    storage.write_bytes(receipt_url(out, name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
+               "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint(),
+               "schema": writer.schema()}
+    storage.write_bytes(receipt_url(out, info.name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
     return receipt
 
 
@@ -97,7 +94,7 @@ def read_receipt(out: str, name: str) -> dict[str, Any] | None:
 def shard_is_done(out: str, name: str, job: Job, verify: bool = True) -> dict[str, Any] | None:
     """The shard's receipt when the shard is there and matches it (sha256 re-checked when `verify`)."""
     receipt = read_receipt(out, name)
-    if receipt is None or receipt.get("job") != job.fingerprint():
+    if receipt is None or receipt.get("job") != job.fingerprint() or "schema" not in receipt:
         return None
     url = storage.join(out, name)
     if not storage.exists(url):
