@@ -187,7 +187,7 @@ def test_shard_loader_reads_the_s3_set_exactly_once(s3_set: str, npz, workers):
 
 def test_brace_pattern_over_s3_urls(s3_set: str, npz):
     from gensynth.data import ShardLoader
-    from gensynth.data.stream import resolve_shards
+    from gensynth.data.shards import resolve_shards
 
     pattern = f"{s3_set}/train-{{000000..000003}}.tar"
     shards, manifest = resolve_shards(pattern)
@@ -202,7 +202,7 @@ def test_brace_pattern_over_s3_urls(s3_set: str, npz):
 
 
 def test_resolve_shards_names_a_missing_s3_shard(s3_set: str):
-    from gensynth.data.stream import resolve_shards
+    from gensynth.data.shards import resolve_shards
     from gensynth.errors import UsageError
 
     with pytest.raises(UsageError, match=f"shard not found: {s3_set}/train-000004.tar"):
@@ -229,7 +229,7 @@ def test_plain_webdataset_reads_s3_shards(s3_set: str, npz):
 def test_plain_webdataset_writes_s3_shards_that_gensynth_reads(s3: S3):
     import webdataset
 
-    from gensynth.data.stream import resolve_shards
+    from gensynth.data.shards import resolve_shards
 
     storage.register_webdataset_s3()
     url = f"s3://{BUCKET}/wds/x-000000.tar"

@@ -243,6 +243,7 @@ def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
 def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shards, monkeypatch):
     """Small batches leave a worker several to a message, their images inside the pickle; large ones one
     to a message through shared memory. Either way they arrive as the same writable tensors."""
+    import gensynth.data.collate as collate
     import gensynth.data.stream as stream
 
     folder, _ = uneven_shards
@@ -252,7 +253,7 @@ def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shar
     assert isinstance(message["images"], np.ndarray) and message["sizes"] == [8]
     grouped = list(ShardLoader(folder, **kw))
     monkeypatch.setattr(stream, "GROUP_BYTES", 0)  # workers are forked: they see it too
-    monkeypatch.setattr(stream, "SHARED_MESSAGE_BYTES", 0)
+    monkeypatch.setattr(collate, "SHARED_MESSAGE_BYTES", 0)
     assert ShardLoader(folder, **kw).dataset.group == 1
     assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))["images"], torch.Tensor)
     shared = list(ShardLoader(folder, **kw))

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from gensynth.data.manifest import Manifest, manifest_sha256
-from gensynth.data.stream import ShardLoader, resolve_shards
+from gensynth.data.shards import resolve_shards
+from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
 from gensynth.progress import progress
 
