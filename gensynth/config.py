@@ -109,8 +109,12 @@ class EvalConfig:
     # -- in training (train.eval_every)
     metrics: list[str] = option(["variety", "mean_gap"], "metric plug-ins run every train.eval_every steps "
                                 "(gensynth/evaluate/metrics.py): variety, mean_gap (weight-free), fid, kid, "
-                                "class_consistency (the cached feature extractor); the best eval/fid is kept in "
-                                "runs/<name>/best/ + best.json")
+                                "class_consistency, recall, usefulness (the cached feature extractor); the best "
+                                "export by eval.best_by is kept in runs/<name>/best/ + best.json")
+    best_by: str = option("auto", "the in-training metric that picks runs/<name>/best/: usefulness (class "
+                          "consistency x recall, highest; FID does not predict CAS, Ravuri & Vinyals 2019), fid "
+                          "(lowest), or auto = usefulness when eval.metrics has it, else fid",
+                          choices=("auto", "usefulness", "fid"))
     num_samples: int = option(1000, "generated (and real) samples per in-training evaluation, balanced over "
                               "classes", min=10)
     heldout_samples: int = option(10000, "held-out samples (from data.test) per held-out evaluation; "

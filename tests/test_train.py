@@ -134,6 +134,31 @@ def test_fid_and_class_consistency_in_training_keep_a_pointer_to_the_best_genera
     assert again.returncode == 0 and "training the feature extractor" not in again.stderr
 
 
+def test_the_best_export_is_picked_by_usefulness_when_that_metric_runs(toy_data, tmp_path):
+    """eval.best_by=auto with the usefulness plug-in: best.json names eval/usefulness, the highest value
+    logged, which is class consistency x recall at that step; best/ is that step's generator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gensynth.families import load_sampler
+
+    config = tiny_config(tmp_path, toy_data, train__steps=30, eval__metrics=["usefulness", "fid"],
+                         eval__real_test=toy_data, eval__cache=str(tmp_path / "cache"), eval__extractor_epochs=2.0)
+    done = gensynth("train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = EventAccumulator(str(run_dir(config) / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: {e.step: e.value for e in events.Scalars(f"eval/{tag}")}
+              for tag in ("usefulness", "class_consistency", "recall", "precision", "fid")}
+    assert sorted(logged["usefulness"]) == [10, 20, 30]
+    for step, value in logged["usefulness"].items():
+        assert value == pytest.approx(logged["class_consistency"][step] * logged["recall"][step], abs=1e-6)
+    best = json.loads((run_dir(config) / "best.json").read_text())
+    assert best["metric"] == "eval/usefulness"
+    assert best["value"] == pytest.approx(max(logged["usefulness"].values()), rel=1e-5)
+    assert logged["usefulness"][best["step"]] == pytest.approx(best["value"], rel=1e-5)
+    assert load_sampler(run_dir(config) / "best").config["step"] == best["step"]
+
+
 def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, tmp_path):
     config = tiny_config(tmp_path, toy_data, train__steps=10)
     assert gensynth("train", str(config)).returncode == 0

@@ -13,9 +13,14 @@ With the feature extractor (gensynth/evaluate/extractor.py; the context resolves
 the cached one for the run's training data, trained on first use, or the export named by
 eval.extractor):
 - fid: Frechet distance between extractor features of the generated and the real samples
-  (gensynth/evaluate/fidelity.py). Lower is better; training keeps the best one (runs/<name>/best/).
+  (gensynth/evaluate/fidelity.py). Lower is better.
 - kid: unbiased KID (x 1000) in the same features, 10 subsets.
 - class_consistency: share of generated samples the extractor assigns to their requested class.
+- recall: precision and recall (Kynkaanniemi et al. 2019, k = 3) of the generated against the real samples.
+- usefulness: class_consistency x recall, the proxy `eval.best_by` picks the best export by (below).
+
+Training keeps the best export by `eval.best_by`: usefulness (highest) when that plug-in runs, else fid
+(lowest); best.json names the metric.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 Metric = Callable[..., dict[str, float]]
 METRICS: dict[str, Metric] = {}
-NEEDS_EXTRACTOR = {"fid", "kid", "class_consistency"}
+NEEDS_EXTRACTOR = {"fid", "kid", "class_consistency", "recall", "usefulness"}
 
 
 def metric(name: str) -> Callable[[Metric], Metric]:
@@ -126,6 +131,27 @@ def class_consistency_metric(fake: torch.Tensor, fake_labels: torch.Tensor, real
                              real_labels: torch.Tensor, context: MetricContext | None = None) -> dict[str, float]:
     _, predicted = _context(context).fake_embedding(fake)
     return {"class_consistency": float((predicted == fake_labels.numpy()).mean())}
+
+
+@metric("recall")
+def recall_metric(fake: torch.Tensor, fake_labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor,
+                  context: MetricContext | None = None) -> dict[str, float]:
+    from gensynth.evaluate.fidelity import precision_recall
+
+    ctx = _context(context)
+    precision, recall = precision_recall(ctx.real_features(real), ctx.fake_embedding(fake)[0])
+    return {"precision": precision, "recall": recall}
+
+
+@metric("usefulness")
+def usefulness_metric(fake: torch.Tensor, fake_labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor,
+                      context: MetricContext | None = None) -> dict[str, float]:
+    """class_consistency x recall: high only when samples are both of their class and cover the real data's
+    variety, the two things a classifier trained on them needs (FID does not predict that: Ravuri & Vinyals
+    2019). A cheap proxy of CAS, to pick the best export by."""
+    parts = {**class_consistency_metric(fake, fake_labels, real, real_labels, context),
+             **recall_metric(fake, fake_labels, real, real_labels, context)}
+    return {**parts, "usefulness": parts["class_consistency"] * parts["recall"]}
 
 
 def check_metrics(names: list[str]) -> None:

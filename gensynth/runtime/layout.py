@@ -2,7 +2,7 @@
 
     config.yaml         the resolved config            checkpoints/step-<8 digits>/   the training state
     tb/                 TensorBoard events             samples/<tag>-step-<8 digits>.png   image grids
-    export/             the final generator            best/ + best.json   the lowest-FID generator so far
+    export/             the final generator            best/ + best.json   the best generator so far (eval.best_by)
     slurm.json          the SLURM jobs' record         slurm/<job id>/     submitit's scripts and logs
 """
 

@@ -275,7 +275,7 @@ class Run:
     def evaluate(self, tracker: Tracker, step: int) -> None:
         """On the main process: the eval.metrics plug-ins on fixed noise and a fixed real sample (families
         that generate), and the family's held-out figures on data.test (families that have them). With fid
-        among them, the generator of the lowest FID so far is exported to runs/<name>/best/, named in best.json."""
+        among them, the best generator so far by eval.best_by is exported to runs/<name>/best/, named in best.json."""
         if self.acc.is_main_process:
             values: dict[str, float] = {}
             if self.cfg.eval.metrics and self.trainer.generates:
@@ -286,8 +286,9 @@ class Run:
                          " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
                 values.update(figures)
             tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
-            if "fid" in values:
-                self.keep_best(step, values)
+            by = self.best_metric()
+            if by in values:
+                self.keep_best(step, values, by)
         self.acc.wait_for_everyone()
 
     def generated_metrics(self) -> dict[str, float]:
@@ -317,15 +318,24 @@ class Run:
             left -= images.shape[0]
             yield images, batch["label"][:images.shape[0]].to(self.acc.device)
 
-    def keep_best(self, step: int, values: dict[str, float]) -> None:
-        """A new lowest eval/fid: export the generator to runs/<name>/best/ and point best.json at it."""
-        best = self.state.get("best")
-        if best is not None and best["fid"] <= values["fid"]:
-            return
+    def best_metric(self) -> str:
+        """The eval/ value that picks the best export (eval.best_by; auto: usefulness when it runs, else fid)."""
+        by = self.cfg.eval.best_by
+        if by == "auto":
+            return "usefulness" if "usefulness" in self.cfg.eval.metrics else "fid"
+        return by
+
+    def keep_best(self, step: int, values: dict[str, float], by: str) -> None:
+        """A new best eval/<by> (lowest fid, highest usefulness): export the generator to runs/<name>/best/ and
+        point best.json at it."""
+        best, value = self.state.get("best"), values[by]
+        if best is not None and best.get("metric") == by:  # a checkpoint of another metric's best starts afresh
+            if (value >= best["value"]) if by == "fid" else (value <= best["value"]):
+                return
         checkpoint = self.ckpt_dir / checkpoint_name(step)
-        self.state["best"] = {"step": step, "fid": values["fid"]}
+        self.state["best"] = {"step": step, "metric": by, "value": value}
         self.write_export(self.run_dir.best)
-        pointer = {"metric": "eval/fid", "fid": values["fid"], "step": step,
+        pointer = {"metric": f"eval/{by}", "value": value, by: value, "step": step,
                    "export": self.run_dir.relative(self.run_dir.best), "values": values,
                    "num_samples": self.cfg.eval.num_samples,
                    "extractor": str(self.metric_context.extractor.folder),
@@ -334,7 +344,7 @@ class Run:
                    "checkpoint": self.run_dir.relative(checkpoint) if step % self.cfg.train.checkpoint_every == 0
                    or step == self.cfg.train.steps else None}
         storage.write_bytes(str(self.run_dir.best_json), (json.dumps(pointer, indent=1) + "\n").encode())
-        log.info("step %d: best eval/fid so far (%.3f): generator exported to %s", step, values["fid"],
+        log.info("step %d: best eval/%s so far (%.4g): generator exported to %s", step, by, value,
                  self.run_dir.best)
 
     def log_scalars(self, tracker: Tracker, step: int, sums: dict[str, float], counted: int,
