@@ -151,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
     p.add_argument("--wait", action="store_true", help="block until the array and the finalizing job are done")
 
+    p = sub.add_parser("augment", help="one shard set of real + synthetic samples at a mix, for plain webdataset / "
+                       "HF datasets readers",
+                       description="Write OUT: every sample of REAL and enough of SYNTH to make the synthetic share, "
+                       "interleaved; each sample's json says its source and loss weight; real samples copied byte "
+                       "for byte; the manifest names both inputs by sha256.")
+    p.add_argument("real", help="the real (training) shard set")
+    p.add_argument("synthetic", help="the synthetic shard set (gensynth generate)")
+    p.add_argument("out", help="folder or s3:// prefix of the augmented set")
+    p.add_argument("--mix", help="a recommended_mix JSON written by gensynth eval (next to metrics.json): its "
+                   "synthetic fraction and weight")
+    p.add_argument("--synthetic-fraction", type=float, help="share of synthetic samples in OUT (default 0.5, or --mix)")
+    p.add_argument("--synthetic-weight", type=float, help="loss weight recorded on synthetic samples (default 1.0, "
+                   "or --mix)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in OUT")
+
     p = sub.add_parser("inspect", help="describe a shard set, shard, config or run directory; --verify re-hashes "
                        "every shard")
     p.add_argument("url", help="a shard set folder / s3 prefix, its manifest.json, one .tar shard, a YAML config, "
@@ -251,6 +267,19 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(sub.describe()), flush=True)
         if args.wait:
             print("\n".join(cluster.result_lines(sub, cluster.wait(sub))))
+        return 0
+    if args.command == "augment":
+        from gensynth.data.augment import augment, read_mix
+
+        mix = read_mix(args.mix) if args.mix else {}
+        given = {"synthetic_fraction": args.synthetic_fraction, "synthetic_weight": args.synthetic_weight}
+        chosen = {"synthetic_fraction": 0.5, "synthetic_weight": 1.0} | mix | {k: v for k, v in given.items()
+                                                                                if v is not None}
+        fraction, weight = chosen["synthetic_fraction"], chosen["synthetic_weight"]
+        m = augment(args.real, args.synthetic, args.out, float(fraction), float(weight), args.shard_size,
+                    args.overwrite, mix_source=args.mix)
+        print(f"augmented set: {m.provenance['real']['samples']} real + {m.provenance['synthetic']['samples']} "
+              f"synthetic samples in {len(m.shards)} shards, {args.out}")
         return 0
     if args.command == "inspect":
         from gensynth.inspection import inspect

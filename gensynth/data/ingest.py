@@ -4,7 +4,7 @@ Records are written in a seeded order (so class-sorted sources such as image fol
 across shards) and the bytes are repeatable: the same source, split, seed and shard size give the
 same sha256s. A failure removes what this run wrote and leaves an existing set untouched; a manifest
 appears only when all shards are in, and at every instant (a `kill -9` included) the manifest present
-lists only shards that are there whole (see _swap_in).
+lists only shards that are there whole (see swap_in).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
     The shards are written under hidden staged names beside the set and swapped in only once all are
-    written (_swap_in), so a failure (bad input, full disk, lost connection) before the swap leaves an
+    written (swap_in), so a failure (bad input, full disk, lost connection) before the swap leaves an
     existing set as it was. Staged and temporary files of earlier runs that were killed are removed.
     """
     if not SPLIT_NAME.fullmatch(split):
@@ -93,7 +93,7 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
     chosen = per_class_subset(source, per_class, seed) if per_class else np.arange(len(source))
     n = len(chosen)
     order = chosen[np.random.default_rng(seed).permutation(n)] if seed is not None else chosen
-    _remove_debris(folder)
+    remove_set_debris(folder)
     stage = storage.owner_tag()
     log.info("sharding %d records of %s into %s (%d per shard, %s)", n, source.spec, folder, shard_size, encoding)
     with ShardSetWriter(folder, split, shard_size, encoding, stage=stage) as writer:
@@ -110,15 +110,15 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
             provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
                                        "chosen_from": len(source)}
         manifest = writer.manifest(classes=source.classes, provenance=provenance)
-    _swap_in(folder, split, manifest, stage)
+    swap_in(folder, split, manifest, stage)
     log.info("wrote %d samples in %d shards (%.1f MB) and %s", manifest.num_samples, len(manifest.shards),
              manifest.num_bytes / 1e6, manifest_url(folder))
     return manifest
 
 
-def _remove_debris(folder: str) -> None:
+def remove_set_debris(folder: str) -> None:
     """Remove what killed ingests left in `folder` (storage.is_debris), but never a file the manifest
-    present lists: a run killed in the middle of _swap_in leaves a manifest naming staged shards."""
+    present lists: a run killed in the middle of swap_in leaves a manifest naming staged shards."""
     try:
         keep = {s.name for s in read_manifest(folder).shards} if storage.exists(manifest_url(folder)) else set()
     except InputDataError:
@@ -126,7 +126,7 @@ def _remove_debris(folder: str) -> None:
     storage.remove_debris(folder, keep=keep)
 
 
-def _swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
+def swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
     """Replace whatever set is in `folder` by the one staged by `stage`, so that at every instant the
     manifest present lists only shards that are there whole (old or new: each manifest is put whole,
     by rename or by a single S3 put):

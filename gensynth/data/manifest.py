@@ -220,7 +220,7 @@ def write_manifest(folder: str, manifest: Manifest) -> str:
     return url
 
 
-class _HashingReader:
+class HashingReader:
     """Hashes and counts what is read through it, so one pass both parses a shard and checks its sha256."""
 
     def __init__(self, f: IO[bytes]):
@@ -257,7 +257,7 @@ def _verify_shard(url: str, shard: ShardInfo, num_classes: int | None) -> list[s
     damage = None
     bad_labels: list[str] = []
     with storage.open_read(url) as f, storage.storage_errors(url, "read"):
-        reader = _HashingReader(f)
+        reader = HashingReader(f)
         try:
             for key, fields in iter_samples(reader):
                 count += 1

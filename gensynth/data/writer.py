@@ -128,6 +128,28 @@ class ShardSetWriter:
         if self._tar.count >= self.shard_size:
             self.end_shard()
 
+    def add_encoded(self, key: str, fields: dict[str, bytes], label: int | None, image_shape: tuple[int, ...],
+                    arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        """A sample whose fields are already encoded (copied byte for byte from another set): the caller
+        says what they hold, the image's (H, W, C) in the writer's encoding and the arrays' dtypes and shapes,
+        which must be those of every other sample."""
+        if self.image_shape is None and self.labelled is None:
+            self.image_shape, self.arrays = tuple(image_shape), dict(arrays)
+        if (tuple(image_shape), dict(arrays)) != (self.image_shape, self.arrays or {}):
+            raise ValueError(f"sample {key}: image {tuple(image_shape)} and arrays {self._describe(arrays)}, the set "
+                             f"so far has {self.image_shape} and {self._describe(self.arrays or {})}")
+        if self.labelled is None:
+            self.labelled = label is not None
+        elif self.labelled != (label is not None):
+            raise ValueError(f"sample {key}: some samples have a label and some do not")
+        if label is not None:
+            self.histogram[int(label)] += 1
+        if self._tar is None:
+            self._open_shard()
+        self._tar.write(key, fields)
+        if self._tar.count >= self.shard_size:
+            self.end_shard()
+
     def _array_fields(self, key: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
         """npy fields for the sample's arrays; the first sample fixes each array's name, dtype and shape."""
         described = {name: (np.asarray(a).dtype.name, tuple(np.shape(a))) for name, a in arrays.items()}
