@@ -109,12 +109,18 @@ class EvalConfig:
     # -- in training (train.eval_every)
     metrics: list[str] = option(["variety", "mean_gap"], "metric plug-ins run every train.eval_every steps "
                                 "(gensynth/evaluate/metrics.py): variety, mean_gap (weight-free), fid, kid, "
-                                "class_consistency, recall, usefulness (the cached feature extractor); the best "
-                                "export by eval.best_by is kept in runs/<name>/best/ + best.json")
+                                "class_consistency, recall, usefulness (the cached feature extractor), near_copies "
+                                "(training images); the best export by eval.best_by is kept in runs/<name>/best/ + "
+                                "best.json")
     best_by: str = option("auto", "the in-training metric that picks runs/<name>/best/: usefulness (class "
                           "consistency x recall, highest; FID does not predict CAS, Ravuri & Vinyals 2019), fid "
                           "(lowest), or auto = usefulness when eval.metrics has it, else fid",
                           choices=("auto", "usefulness", "fid"))
+    max_copies: float = option(0.01, "near_copies at or above this share: the evaluation is never the best export "
+                               "(so best/ is from before a few-shot generator began to copy) and generate warns "
+                               "with the figure", min=0.0, max=1.0)
+    copy_train_images: int = option(20000, "near_copies compares with at most this many training images (the "
+                                    "first of a fixed order; all of a K-per-class set)", min=1)
     num_samples: int = option(1000, "generated (and real) samples per in-training evaluation, balanced over "
                               "classes", min=10)
     heldout_samples: int = option(10000, "held-out samples (from data.test) per held-out evaluation; "

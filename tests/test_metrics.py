@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gensynth.errors import ConfigError
-from gensynth.evaluate.metrics import check_metrics, evaluate
+from gensynth.evaluate.metrics import MetricContext, check_metrics, evaluate
 
 
 def real_like(n: int = 400, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,5 +36,19 @@ def test_mean_gap_is_zero_for_identical_sets_and_grows_with_a_shift():
 
 
 def test_unknown_metric_is_a_config_error():
-    with pytest.raises(ConfigError, match="available: class_consistency, fid, kid, mean_gap, variety"):
+    with pytest.raises(ConfigError, match="available: class_consistency, fid, kid, mean_gap, near_copies, recall, usefulness, variety"):
         check_metrics(["fid_typo"])
+
+
+def test_near_copies_counts_training_images_as_copies_and_fresh_draws_at_the_floor():
+    train, labels = real_like(200)
+    unseen, _ = real_like(400)
+    unseen = unseen[200:]  # same distribution, other draws: never seen in training
+    context = MetricContext(copy_reference_factory=lambda: (train, unseen, 1 / 3))
+    copied = evaluate(["near_copies"], train[:100], labels[:100], train, labels, context=context)
+    assert copied["near_copies"] == 1.0
+    fresh = evaluate(["near_copies"], unseen[:100], labels[:100], train, labels, context=context)
+    assert fresh["near_copies"] < 0.05 and fresh["near_copies_floor"] < 0.05
+    half = torch.cat([train[:50], unseen[:50]])
+    assert evaluate(["near_copies"], half, labels[:100], train, labels, context=context)["near_copies"] == \
+        pytest.approx(0.5, abs=0.05)

@@ -159,6 +159,26 @@ def test_the_best_export_is_picked_by_usefulness_when_that_metric_runs(toy_data,
     assert load_sampler(run_dir(config) / "best").config["step"] == best["step"]
 
 
+def test_a_copying_model_is_never_the_best_export_and_generate_warns_with_the_figure(toy_data, tmp_path):
+    """near_copies at or above eval.max_copies: the evaluation is no candidate for best/, the export records
+    the figure, and generate warns with it. Limit 0 makes every evaluation count as copying; limit 1 none."""
+    common = dict(train__steps=20, eval__metrics=["near_copies", "variety"], eval__best_by="fid",
+                  eval__real_test=toy_data, data__test=toy_data)
+    strict = tiny_config(tmp_path / "strict", toy_data, eval__max_copies=0.0, **common)
+    done = gensynth("train", str(strict))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "near-copies of training images (eval.max_copies 0.0%): not a candidate for best/" in done.stderr
+    recorded = load_export(run_dir(strict))[1]["last_eval"]
+    assert recorded["step"] == 20 and 0.0 <= recorded["near_copies"] <= 1.0 and recorded["max_copies"] == 0.0
+    generated = gensynth("generate", str(run_dir(strict)), str(tmp_path / "synth"), "--num", "10")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert f"{100 * recorded['near_copies']:.1f}% of its samples were near-copies" in generated.stderr
+    lenient = tiny_config(tmp_path / "lenient", toy_data, eval__max_copies=1.0, **common)
+    assert gensynth("train", str(lenient)).returncode == 0
+    quiet = gensynth("generate", str(run_dir(lenient)), str(tmp_path / "synth2"), "--num", "10")
+    assert quiet.returncode == 0 and "copies its training images" not in quiet.stderr
+
+
 def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, tmp_path):
     config = tiny_config(tmp_path, toy_data, train__steps=10)
     assert gensynth("train", str(config)).returncode == 0

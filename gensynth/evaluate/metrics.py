@@ -19,6 +19,11 @@ eval.extractor):
 - recall: precision and recall (Kynkaanniemi et al. 2019, k = 3) of the generated against the real samples.
 - usefulness: class_consistency x recall, the proxy `eval.best_by` picks the best export by (below).
 
+With the training images (all of them up to eval.copy_train_images) and unseen real ones (data.test, else
+the extractor's test set):
+- near_copies: share of generated samples closer to a training image than the near-copy rule allows
+  (gensynth/evaluate/memorisation.py). An evaluation at or above eval.max_copies is never the best export.
+
 Training keeps the best export by `eval.best_by`: usefulness (highest) when that plug-in runs, else fid
 (lowest); best.json names the metric.
 """
@@ -51,6 +56,9 @@ class MetricContext:
     features of the real reference samples (the same tensor every evaluation of a run)."""
 
     extractor_factory: Callable[[], Any] | None = None
+    # () -> (the generator's training images, unseen real images, copy_ratio), for near_copies; built once
+    copy_reference_factory: Callable[[], tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    _copy_reference: tuple[torch.Tensor, torch.Tensor, float] | None = None
     _extractor: Any = None
     _real: tuple[int, np.ndarray, np.ndarray] | None = None
     _fake: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -66,6 +74,17 @@ class MetricContext:
                                   "configured here")
             self._extractor = self.extractor_factory()
         return self._extractor
+
+    @property
+    def copy_reference(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self._copy_reference is None:
+            if self.copy_reference_factory is None:
+                from gensynth.errors import ConfigError
+
+                raise ConfigError("eval.metrics near_copies needs the training images and unseen real images; none "
+                                  "are configured here")
+            self._copy_reference = self.copy_reference_factory()
+        return self._copy_reference
 
     def real_features(self, real: torch.Tensor) -> np.ndarray:
         if self._real is None or self._real[0] != id(real):
@@ -152,6 +171,18 @@ def usefulness_metric(fake: torch.Tensor, fake_labels: torch.Tensor, real: torch
     parts = {**class_consistency_metric(fake, fake_labels, real, real_labels, context),
              **recall_metric(fake, fake_labels, real, real_labels, context)}
     return {**parts, "usefulness": parts["class_consistency"] * parts["recall"]}
+
+
+@metric("near_copies")
+def near_copies_metric(fake: torch.Tensor, fake_labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor,
+                       context: MetricContext | None = None) -> dict[str, float]:
+    """Share of generated samples that are near-copies of a training image, by `gensynth eval`'s rule
+    (gensynth/evaluate/memorisation.py), with its real floor."""
+    from gensynth.evaluate.memorisation import memorisation
+
+    train, unseen, copy_ratio = _context(context).copy_reference
+    result = memorisation(fake, train, unseen, copy_ratio)
+    return {"near_copies": result.near_copy_fraction, "near_copies_floor": result.real_floor_fraction}
 
 
 def check_metrics(names: list[str]) -> None:

@@ -75,6 +75,17 @@ def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> 
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}
 
 
+def warn_if_copying(sampler: Sampler, source: str) -> None:
+    """Say so when the export's own in-training evaluation found its samples copying training images."""
+    last = sampler.config.get("last_eval") or {}
+    copies, limit = last.get("near_copies"), last.get("max_copies", 0.01)
+    if isinstance(copies, (int, float)) and copies >= limit:
+        log.warning("this model copies its training images: at step %s, %.1f%% of its samples were near-copies "
+                    "(the limit is %.1f%%); the synthetic set may publish them. Generate from the run's best/ export "
+                    "(chosen among evaluations below the limit) or train with fewer steps", last.get("step"),
+                    100 * copies, 100 * limit)
+
+
 def check_out(out: str, job: Job, overwrite: bool) -> None:
     """Refuse to mix two different jobs in one OUT; with overwrite, clear the old one (manifest first)."""
     fingerprint = job.fingerprint()
@@ -157,6 +168,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
         keep = load_filter(opts.filter_classifier, sampler.config.get("data", {}).get("train"), opts.filter_threshold)
     job = build_job(sampler, source, opts, keep)
     result = Result(out)
+    warn_if_copying(sampler, source)
     if opts.finalize:
         result.manifest = finalize(out, sampler, job, source)
         result.finalized_only = True

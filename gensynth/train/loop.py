@@ -87,6 +87,18 @@ def data_info(loader: ShardLoader, source: str) -> DataInfo:
                     images, images_sha256)
 
 
+def first_images(url: str, n: int, seed: int, labels: bool = False):
+    """The first n images (uint8 [n, C, H, W]) of a shard set in one fixed order (and their labels)."""
+    images, found = [], []
+    for batch in ShardLoader(url, batch_size=min(n, 500), mode="exact", rank=0, world_size=1, seed=seed,
+                             decode_meta=False):
+        images.append(batch["image"])
+        found.append(batch["label"])
+        if sum(map(len, found)) >= n:
+            break
+    return (torch.cat(images)[:n], torch.cat(found)[:n]) if labels else torch.cat(images)[:n]
+
+
 def endless(loader: ShardLoader):
     """Batches forever: resampled mode never ends; exact mode starts the next epoch."""
     while True:
@@ -138,7 +150,7 @@ class Run:
                                       "rolled_back_at": None, "data_manifest_sha256": self.data.manifest_sha256}
         self.streak = 0
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None  # real samples for eval metrics
-        self.metric_context = MetricContext(self.resolve_extractor)
+        self.metric_context = MetricContext(self.resolve_extractor, self.copy_reference)
         if self.acc.is_main_process and cfg.train.eval_every and needs_extractor(cfg.eval.metrics):
             self.metric_context.extractor  # noqa: B018 - resolve (train and cache on first use) before step 1
         self.acc.wait_for_everyone()
@@ -272,6 +284,18 @@ class Run:
                  100 * extractor.test_accuracy)
         return extractor
 
+    def copy_reference(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """For near_copies: the training images (at most eval.copy_train_images) and up to eval.num_samples unseen
+        real ones (data.test, else the extractor's test set)."""
+        from gensynth.evaluate.extractor import sibling_test_set
+
+        train_url = self.data.images or self.cfg.data.train
+        unseen = self.cfg.data.test or self.cfg.eval.real_test or sibling_test_set(train_url)
+        if not unseen:
+            raise UsageError("eval.metrics near_copies needs unseen real images: set data.test or eval.real_test")
+        return (first_images(train_url, self.cfg.eval.copy_train_images, self.cfg.run.seed),
+                first_images(unseen, self.cfg.eval.num_samples, self.cfg.run.seed), self.cfg.eval.copy_ratio)
+
     def evaluate(self, tracker: Tracker, step: int) -> None:
         """On the main process: the eval.metrics plug-ins on fixed noise and a fixed real sample (families
         that generate), and the family's held-out figures on data.test (families that have them). With fid
@@ -286,22 +310,20 @@ class Run:
                          " ".join(f"{k}={v:.4g}" for k, v in figures.items()))
                 values.update(figures)
             tracker.scalars(step, {f"eval/{k}": v for k, v in values.items()})
-            by = self.best_metric()
-            if by in values:
+            # an export records the last figures (generate warns when they say the model copies)
+            self.state["last_eval"] = {"step": step, "max_copies": self.cfg.eval.max_copies, **values}
+            by, copies = self.best_metric(), values.get("near_copies", 0.0)
+            if copies >= self.cfg.eval.max_copies:
+                log.warning("step %d: %.1f%% of the samples are near-copies of training images (eval.max_copies "
+                            "%.1f%%): not a candidate for best/", step, 100 * copies, 100 * self.cfg.eval.max_copies)
+            elif by in values:
                 self.keep_best(step, values, by)
         self.acc.wait_for_everyone()
 
     def generated_metrics(self) -> dict[str, float]:
         n = self.cfg.eval.num_samples
         if self.reference is None:
-            images, labels = [], []
-            for batch in ShardLoader(self.data.images or self.cfg.data.train, batch_size=min(n, 500), mode="exact",
-                                     rank=0, world_size=1, seed=self.cfg.run.seed, decode_meta=False):
-                images.append(batch["image"])
-                labels.append(batch["label"])
-                if sum(map(len, labels)) >= n:
-                    break
-            self.reference = (torch.cat(images)[:n], torch.cat(labels)[:n])
+            self.reference = first_images(self.data.images or self.cfg.data.train, n, self.cfg.run.seed, True)
         fake_labels = torch.arange(n) % self.data.num_classes
         fake = self.trainer.generate(fake_labels, seed=self.cfg.run.seed + 1)
         return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference, context=self.metric_context)
@@ -387,6 +409,7 @@ class Run:
                                  "channels": self.data.channels},
                        "data": self.export_data(),
                        "training_data": self.training_data(config),
+                       "last_eval": self.state.get("last_eval"),  # in-training figures, e.g. near_copies
                        "trained_with": f"gensynth {__version__}"})
         save_export(folder, tensors, config)
         log.info("export written: %s", folder)
