@@ -21,6 +21,8 @@ from gensynth.cli import main
 from gensynth.data.manifest import read_manifest, verify_shards
 from gensynth.data.stream import ShardLoader
 from gensynth.data.tario import iter_samples
+from gensynth.errors import UsageError
+from gensynth.generate.job import generate
 from gensynth.generate.plan import class_counts, interleaved_labels
 from tests.conftest import REPO, free_port, subprocess_env
 from tests.helpers import TIMEOUT_S, gensynth
@@ -305,3 +307,18 @@ def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan
     rerun = gensynth("-q", "generate", str(medium_gan), str(out), *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_manifest(str(out)).num_samples == 6000 and verify_shards(str(out), read_manifest(str(out))) == []
+
+
+def test_a_purpose_sets_the_sampling_defaults_measured_for_it_and_a_given_option_still_wins(tiny_gan, tmp_path,
+                                                                                            monkeypatch):
+    from gensynth.families.gan.sampler import GANSampler
+
+    monkeypatch.setattr(GANSampler, "PURPOSES", {"augment": {"truncation": 0.5}})
+    aug = generate(str(tiny_gan), str(tmp_path / "a"), num=20, purpose="augment").manifest.provenance
+    assert aug["options"] == {"truncation": 0.5} and aug["purpose"] == "augment"
+    given = generate(str(tiny_gan), str(tmp_path / "b"), num=20, purpose="augment", truncation=1.5).manifest
+    assert given.provenance["options"] == {"truncation": 1.5}
+    plain = generate(str(tiny_gan), str(tmp_path / "c"), num=20, purpose="cas").manifest  # none measured for cas
+    assert plain.provenance["options"] == {"truncation": 0.0} and plain.provenance["purpose"] == "cas"
+    with pytest.raises(UsageError, match="purpose 'fun': use one of general, cas, augment"):
+        generate(str(tiny_gan), str(tmp_path / "d"), num=20, purpose="fun")

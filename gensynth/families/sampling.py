@@ -23,6 +23,8 @@ import torch
 from gensynth.errors import UsageError
 from gensynth.imaging import to_uint8
 
+PURPOSES = ("cas", "augment")  # what a synthetic set is for (GenerateOptions.purpose)
+
 
 class Reconstruction(NamedTuple):
     images: torch.Tensor  # uint8 [n, C, H, W] on the CPU, the inputs' size
@@ -39,6 +41,10 @@ class Sampler:
 
     # name -> (default, help); a family's sampling options, e.g. truncation for the GAN
     OPTIONS: dict[str, tuple[Any, str]] = {}
+    # purpose -> option values that serve it better than OPTIONS' defaults, by measurement (bench/purpose.py):
+    # "cas", a classifier trained on the samples alone (wants variety), "augment", samples added to real data
+    # (wants fidelity); Ravuri & Vinyals 2019 found the best BigGAN truncation differs between the two
+    PURPOSES: dict[str, dict[str, Any]] = {}
     codebook_size: int = 0  # codes in the codebook that `reconstruct` reports codes of; 0 = no codebook
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: str | torch.device = "cpu"):
@@ -59,6 +65,12 @@ class Sampler:
             raise UsageError(f"sampling option(s) {', '.join(unknown)} do not apply to a {self.family} export; "
                              f"its options: {allowed}")
         return {name: given.get(name, default) for name, (default, _) in self.OPTIONS.items()}
+
+    def purpose_options(self, purpose: str) -> dict[str, Any]:
+        """The measured option values for `purpose` ("general": none, the plain defaults)."""
+        if purpose not in ("general", *PURPOSES):
+            raise UsageError(f"purpose {purpose!r}: use one of general, {', '.join(PURPOSES)}")
+        return dict(self.PURPOSES.get(purpose, {}))
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):

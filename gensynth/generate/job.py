@@ -62,7 +62,7 @@ class Result:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> dict[str, Any]:
+def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
@@ -72,6 +72,7 @@ def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray) -> 
             "training_data": cfg.get("training_data") or [],  # every set the model saw
             "seed": job.seed, "num": job.num, "per_class": {str(c): n for c, n in enumerate(job.counts)},
             "shard_size": job.shard_size, "encoding": job.encoding, "options": job.options, "filter": kept,
+            "purpose": purpose,
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}
 
 
@@ -110,7 +111,7 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
             storage.remove(storage.join(out, name))
 
 
-def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
+def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general") -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
@@ -135,7 +136,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str) -> Manifest:
         raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
-                            provenance(sampler, job, source, dropped))
+                            provenance(sampler, job, source, dropped, purpose))
     write_manifest(out, manifest)
     return manifest
 
@@ -170,7 +171,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     result = Result(out)
     warn_if_copying(sampler, source)
     if opts.finalize:
-        result.manifest = finalize(out, sampler, job, source)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose)
         result.finalized_only = True
         return result
     if overwrite and tasks > 1:
@@ -222,7 +223,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
-        result.manifest = finalize(out, sampler, job, source)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose)
     if group:
         torch.distributed.barrier()
     return result

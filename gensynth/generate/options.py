@@ -20,6 +20,10 @@ class GenerateOptions:
     seed: int = option(0, "shard k draws from (seed, k) alone", min=0)
     shard_size: int = option(5000, "samples per shard", min=1)
     encoding: str = option("png", "image encoding", choices=("png", "npy"))
+    purpose: str = option("general", "what the set is for: cas (a classifier trained on it alone: variety), augment "
+                          "(added to real data: fidelity), or general; sets the family's sampling defaults to the "
+                          "ones measured best for it (an option given here still wins)",
+                          choices=("general", "cas", "augment"))
     truncation: float | None = option(None, "GAN: truncation trick threshold (0 = off)")
     temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
     top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")

@@ -118,4 +118,6 @@ def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: Sample
     config_sha = hashlib.sha256((Path(folder) / CONFIG).read_bytes()).hexdigest()
     counts = class_counts(opts.num, sampler.num_classes, opts.per_class)
     return Job(sampler.config["weights_sha256"], config_sha, seed, tuple(counts), shard_size, encoding,
-               sampler.resolve_options(opts.sampling()), keep.describe if keep else None)
+               sampler.resolve_options({**sampler.purpose_options(opts.purpose),
+                                        **{k: v for k, v in opts.sampling().items() if v is not None}}),
+               keep.describe if keep else None)
