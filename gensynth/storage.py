@@ -369,30 +369,30 @@ def sha256_of(url: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+MAX_EXPANDED = 1_000_000  # shards one pattern may name: a typo such as {0..99999999999} fails fast, not in memory
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..002}.tar` -> a-000.tar a-001.tar a-002.tar; `{x,y}` lists too; several groups multiply."""
-    parts: list[list[str]] = []
-    pos = 0
-    for m in _BRACE.finditer(pattern):
-        parts.append([pattern[pos:m.start()]])
-        body = m.group(1)
-        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        if rng:
-            lo, hi = rng.group(1), rng.group(2)
-            width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-            if int(hi) < int(lo):
-                raise UsageError(f"brace range {{{body}}} in {pattern!r} counts down; write it low..high")
-            parts.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
-        elif "," in body:
-            parts.append(body.split(","))
-        else:
-            raise UsageError(f"cannot expand {{{body}}} in {pattern!r}: use {{000..009}} or {{a,b}}")
-        pos = m.end()
-    parts.append([pattern[pos:]])
-    return ["".join(p) for p in itertools.product(*parts)]
+    """Shell brace expansion with the braceexpand package (as webdataset does): `a-{000..002}.tar`,
+    `{x,{1..2}}`, `{0..6..3}`, `{a..c}`; several groups multiply; a range keeps its zero padding."""
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    size = 1  # braceexpand builds a range whole: size the numeric ones first
+    for lo, hi, step in _RANGE.findall(pattern):
+        size *= abs(int(hi) - int(lo)) // max(abs(int(step or 1)), 1) + 1
+    if size > MAX_EXPANDED:
+        raise UsageError(f"{pattern!r} names more than {MAX_EXPANDED:,} shards; check its ranges")
+    try:
+        urls = list(itertools.islice(braceexpand(pattern), MAX_EXPANDED + 1))
+    except UnbalancedBracesError:
+        raise UsageError(f"unbalanced braces in {pattern!r}: e.g. train-{{000000..000009}}.tar") from None
+    if len(urls) > MAX_EXPANDED:
+        raise UsageError(f"{pattern!r} names more than {MAX_EXPANDED:,} shards; check its ranges")
+    if any("{" in u or "}" in u for u in urls):
+        raise UsageError(f"cannot expand the braces of {pattern!r}: use ranges {{000..009}}, {{0..6..3}}, {{a..c}} or "
+                         "lists {a,b}")
+    return urls
 
 
 def register_webdataset_s3() -> None:

@@ -54,12 +54,18 @@ def test_listdir_hides_temporary_names_and_move_replaces(tmp_path):
     ("{a,b}/s-{0..1}.tar", ["a/s-0.tar", "a/s-1.tar", "b/s-0.tar", "b/s-1.tar"]),
     ("s3://bucket/p/train-{000000..000001}.tar", ["s3://bucket/p/train-000000.tar", "s3://bucket/p/train-000001.tar"]),
     ("plain.tar", ["plain.tar"]),
+    ("{x,{1..2}}", ["x", "1", "2"]),  # nested
+    ("s-{1..003}", ["s-001", "s-002", "s-003"]),  # the padding of the wider end
+    ("{0..6..3}", ["0", "3", "6"]),  # a step
+    ("{a..c}", ["a", "b", "c"]),  # letters
+    ("x-{2..0}", ["x-2", "x-1", "x-0"]),  # counting down, as the shell does
 ])
 def test_brace_patterns(pattern, expected):
     assert storage.expand_braces(pattern) == expected
 
 
-@pytest.mark.parametrize("pattern, needle", [("x-{5..2}.tar", "counts down"), ("x-{abc}.tar", "cannot expand")])
+@pytest.mark.parametrize("pattern, needle", [("x-{abc}.tar", "cannot expand"), ("x-{0..1.tar", "unbalanced"),
+                                             ("x-{0..99999999999}.tar", "names more than")])
 def test_bad_brace_patterns_are_usage_errors(pattern, needle):
     with pytest.raises(UsageError, match=needle):
         storage.expand_braces(pattern)
