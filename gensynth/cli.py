@@ -89,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label", help="hf: the label column ('' for none)")
     p.add_argument("--image-key", help="npz: the images array (guessed when there is one N-d array)")
     p.add_argument("--label-key", help="npz: the labels array")
+    p.add_argument("--resize", choices=("crop", "pad"), help="make images of varied sizes one square size: crop "
+                   "(shorter side to --image-size, centre crop) or pad (longer side, black border)")
+    p.add_argument("--image-size", type=int, default=0, help="the side --resize makes (default: the first image's "
+                   "shorter side)")
+
+    p = sub.add_parser("index", help="write manifest.json for WebDataset tars you already have (not rewritten)",
+                       description="Read every shard of SHARDS once (count, bytes, sha256; each sample's image "
+                       "header and label) and write the manifest beside them, so the set streams, trains, "
+                       "generates and evaluates like one made by gensynth.")
+    p.add_argument("shards", help="a brace pattern ('wds/mine-{000000..000009}.tar'), one .tar, or a folder of .tar")
+    p.add_argument("--label-key", default="cls", help="where the label is: a field (default cls) or a path in "
+                   "the json field (json.label); an index or a class name")
+    p.add_argument("--image-key", help="the image field when it is not one of png, jpg, webp, ... (e.g. image)")
+    p.add_argument("--class-names", type=_csv, help="comma-separated class names, index = label (text labels are "
+                   "looked up here; default: their sorted names)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json")
 
     p = sub.add_parser("train", help="train a model family from a YAML config (resumes automatically)",
                        description="Train from CONFIG with section.key=value overrides; also runs under "
@@ -196,7 +212,14 @@ def run(args: argparse.Namespace) -> int:
                              label_column=args.label_column or None, class_names=args.class_names,
                              image_key=args.image_key, label_key=args.label_key)
         ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
-               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class)
+               seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class,
+               resize=(args.image_size, args.resize) if args.resize else None)
+        return 0
+    if args.command == "index":
+        from gensynth.data.index import index_shards
+
+        m, url = index_shards(args.shards, args.label_key, args.image_key, args.class_names, args.overwrite)
+        print(f"indexed {m.num_samples} samples in {len(m.shards)} shards, {len(m.class_histogram)} classes: {url}")
         return 0
     if args.command == "train":
         from gensynth.families import load_run_config

@@ -69,6 +69,13 @@ class DataConfig:
     test: str = option("", "held-out shard set for the families that report held-out figures every "
                        "train.eval_every steps (VQ-VAE: reconstruction MSE / PSNR / SSIM; VAE: test ELBO); "
                        "empty = none")
+    label_key: str = option("", "where each sample's label is: a field (cls) or a path in its json (json.label); "
+                            "empty = what the set's manifest says (cls unless gensynth index was told otherwise)")
+    resize: str = option("none", "images of varied sizes -> data.image_size squares: crop (shorter side to the "
+                         "size, centre crop) or pad (longer side to the size, black border); none = every image "
+                         "must have the set's size", choices=("none", "crop", "pad"))
+    image_size: int = option(0, "the side of the squares data.resize makes; 0 = the first image's shorter side",
+                             min=0)
 
 
 @dataclass
@@ -140,6 +147,9 @@ class EvalConfig:
     kid_subset: int = option(1000, "KID subset size (Binkowski et al. 2018)", min=2)
     kid_subsets: int = option(100, "KID subsets averaged", min=1)
     pr_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019 use 3)", min=1)
+    resize: str = option("none", "real sets whose images vary in size (gensynth index records the sizes) are made "
+                         "the synthetic images' size: crop or pad, as data.resize does in training",
+                         choices=("none", "crop", "pad"))
     copy_ratio: float = option(1 / 3, "near-copy rule: nearest-training-image distance below this share of the "
                                "median distance of real unseen images to the training set "
                                "(gensynth/evaluate/memorisation.py)", min=0.0, max=1.0)

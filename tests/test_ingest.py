@@ -221,8 +221,9 @@ def test_npz_with_mismatched_arrays(tmp_path, capsys):
                          "shards:"),
     ("/data/x", "source '/data/x' must be KIND:PATH with KIND one of idx, folder, hf, npz, shards "
                 "(e.g. idx:/usr/share/datasets/fashion-mnist)"),
-    ("shards:/no/such/set", "no manifest.json at /no/such/set: not a complete shard set (make one with "
-                            "`gensynth shard`, or name the shards with a pattern)"),
+    ("shards:/no/such/set", "no manifest.json at /no/such/set: not a complete shard set; for WebDataset tars you "
+                            "already have, write one with `gensynth index '/no/such/set'` (the tars stay as they "
+                            "are), or make a new set with `gensynth shard`"),
     ("npz:/no/such/file.npz", "npz file not found: /no/such/file.npz"),
 ])
 def test_unknown_source_kind_or_missing_path_is_a_usage_error(tmp_path, capsys, spec, message):

@@ -12,15 +12,20 @@ pixels: `decode_image(encode_png(a)) == a` and Pillow reads our files like any P
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPE = {1: 0, 3: 2, 2: 4, 4: 6}  # channels -> PNG colour type (grey, RGB, grey+alpha, RGBA)
 _CHANNELS = {v: k for k, v in _COLOR_TYPE.items()}
-IMAGE_EXTENSIONS = ("png", "npy", "jpg", "jpeg")
+# image fields a sample may hold (WebDataset names fields by extension); png and npy of our own take fast
+# paths, every other one is read through Pillow
+IMAGE_EXTENSIONS = ("png", "npy", "jpg", "jpeg", "webp", "ppm", "pgm", "pnm", "bmp", "tif", "tiff")
+RESIZE_MODES = ("crop", "pad")  # shorter side to the size + centre crop, or longer side + black border
 _IHDR = struct.Struct(">IIBBBBB")
 _LENGTH = struct.Struct(">I")
 _IEND_HEAD = b"\0\0\0\0IEND"  # an IEND chunk's length (0) and tag
@@ -153,6 +158,19 @@ def _idat_chunks(data: bytes) -> list[bytes]:
     return idat
 
 
+def _pillow_mode(img: Any) -> str:
+    """The mode an image is read in: L, LA, RGB or RGBA (bilevel and 16-bit grey as L, palettes and CMYK as
+    RGB, or RGBA when they carry transparency)."""
+    if img.mode in ("L", "LA", "RGB", "RGBA"):
+        return img.mode
+    if img.mode in ("1", "I", "I;16", "I;16B", "I;16L", "F"):
+        return "L"
+    return "RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB"
+
+
+_MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+
+
 def decode_with_pillow(data: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Any image Pillow reads -> uint8 HxWxC; its size is checked (check_image_size) before it is decoded."""
     from PIL import Image, UnidentifiedImageError
@@ -160,14 +178,55 @@ def decode_with_pillow(data: bytes, shape: tuple[int, ...] | None = None) -> np.
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             check_image_size(img.height, img.width, shape)
-            if img.mode not in ("L", "RGB", "RGBA", "LA"):
-                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-            array = np.asarray(img)
+            mode = _pillow_mode(img)
+            if img.mode.startswith("I") or img.mode == "F":  # 16-bit or float grey: scale to 8 bits, not clip
+                wide = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+                array = np.clip(wide * (255.0 / top), 0, 255).round().astype(np.uint8)
+            else:
+                array = np.asarray(img if img.mode == mode else img.convert(mode))
     except DecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DecodeError(f"cannot decode image: {e}") from None
     return as_hwc(array)
+
+
+def image_header(data: bytes, ext: str) -> tuple[int, int, int]:
+    """(H, W, C) of an encoded image as decode_image would return it, from its header alone."""
+    if ext == "npy":
+        parsed = _parse_npy_header(data)
+        if parsed is None:
+            return decode_npy(data).shape  # not one of ours: small enough to read whole (it is raw pixels)
+        return parsed[1]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width, _MODE_CHANNELS[_pillow_mode(img)]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DecodeError(f"cannot read the image header: {e}") from None
+
+
+def resize_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """HxWxC uint8 -> size x size x C: "crop" scales the shorter side to `size` and cuts the centre, "pad"
+    scales the longer side to `size` and centres the image on black (Lanczos resampling)."""
+    h, w, c = image.shape
+    if (h, w) == (size, size):
+        return image
+    from PIL import Image
+
+    scale = size / (min(h, w) if mode == "crop" else max(h, w))
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    squeezed = image[:, :, 0] if c == 1 else image
+    scaled = np.asarray(Image.fromarray(squeezed).resize((nw, nh), Image.LANCZOS)).reshape(nh, nw, c)
+    out = np.zeros((size, size, c), dtype=np.uint8)
+    if mode == "crop":
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return np.ascontiguousarray(scaled[top:top + size, left:left + size])
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = scaled
+    return out
 
 
 _NPY_HEADERS: dict[bytes, tuple[int, tuple[int, ...]]] = {}  # header bytes -> (data offset, shape)
@@ -266,6 +325,55 @@ def decode_label(data: bytes | None, num_classes: int | None) -> int:
         shown = text[:24].decode("ascii", "replace") + ("..." if len(text) > 24 else "")
         raise DecodeError(f"label {shown!r} is not {_classes_text(num_classes)}")
     return check_label(int(text), num_classes)
+
+
+class LabelSpec:
+    """Where a sample's label is: a field (`cls` by default) holding a class index or a class name as text, or a
+    value inside the `json` field (`json.label`, `json.meta.class`): an index, or a name of `names`."""
+
+    def __init__(self, key: str = "cls", names: list[str] | None = None):
+        if not key or key.startswith(".") or key.endswith("."):
+            raise ValueError(f"label key {key!r}: a field such as cls, or json.<path> such as json.label")
+        self.key = key
+        self.field, _, path = key.partition(".") if key.startswith("json.") else (key, "", "")
+        self.path = path.split(".") if path else []
+        self.names = {name: i for i, name in enumerate(names or [])}
+
+    def describe(self) -> dict[str, Any]:
+        return {"field": self.field, "path": self.path}
+
+    def raw(self, fields: dict[str, bytes]) -> int | str | None:
+        """The label as the sample holds it: a whole number, a text (an index or a class name), or None."""
+        data = fields.get(self.field)
+        if data is None or not self.path:
+            return None if data is None else data.decode("utf-8", "replace").strip()
+        try:
+            value: Any = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise DecodeError(f"the {self.field} field is not JSON (label key {self.key})") from None
+        for step in self.path:
+            value = value.get(step) if isinstance(value, dict) else None
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, str):
+            return value.strip()
+        raise DecodeError(f"label {str(value)[:24]!r} at {self.key} is not a class index or name")
+
+    def read(self, fields: dict[str, bytes], num_classes: int | None) -> int:
+        """The label (checked as check_label does); -1 when the sample has none and the set is unlabelled."""
+        if self.field == "cls" and not self.names:
+            return decode_label(fields.get("cls"), num_classes)  # the common case, kept lean
+        value = self.raw(fields)
+        if value is None:
+            if num_classes is not None:
+                raise DecodeError(f"no label at {self.key} (the set is labelled: expected "
+                                  f"{_classes_text(num_classes)})")
+            return -1
+        if isinstance(value, str) and value in self.names:
+            return check_label(self.names[value], num_classes)
+        if isinstance(value, str):
+            return decode_label(value.encode("utf-8", "replace"), num_classes)
+        return check_label(value, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------

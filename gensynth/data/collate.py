@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,13 @@ import torch
 from gensynth.data.codec import (
     IMAGE_EXTENSIONS,
     DecodeError,
+    LabelSpec,
     decode_array,
     decode_image,
     decode_label,
     npy_pixels,
     png_scanlines,
+    resize_image,
 )
 
 log = logging.getLogger("gensynth")
@@ -38,8 +40,16 @@ class BatchDecoder:
     logged with its shard and key, and counted."""
 
     def __init__(self, image_shape: tuple[int, ...] | None, arrays: dict[str, dict[str, Any]] | None = None,
-                 num_classes: int | None = None, with_image: bool = True, decode_meta: bool = True):
+                 num_classes: int | None = None, with_image: bool = True, decode_meta: bool = True,
+                 label: LabelSpec | None = None, resize: tuple[int, str] | None = None, image_field: str | None = None,
+                 transform: Callable[[np.ndarray, int], np.ndarray] | None = None):
+        if resize is not None and image_shape is not None:
+            image_shape = (resize[0], resize[0], image_shape[2])
         self.image_shape = image_shape  # (H, W, C)
+        self.label = label  # where the label is, when not in cls (None: cls, the lean path)
+        self.resize = resize  # (side, "crop" | "pad"): every image becomes a side x side square
+        self.fields = (image_field, *IMAGE_EXTENSIONS) if image_field else IMAGE_EXTENSIONS  # search order
+        self.transform = transform  # per sample, in the worker: (HxWxC uint8 image, label) -> image of that shape
         self.arrays = arrays or {}  # name -> {"field", "dtype", "shape"} from the manifest's schema
         self.num_classes = num_classes  # labels must be 0..num_classes-1 (None: the set has no labels)
         self.with_image = with_image
@@ -59,7 +69,9 @@ class BatchDecoder:
         arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}  # non-image fields (codes)
         with_image = self.with_image
         bad = 0
-        ext = IMAGE_EXTENSIONS[0]
+        fields_order = self.fields
+        ext = fields_order[0]
+        resize, label_spec, transform = self.resize, self.label, self.transform
         shape = self.image_shape  # (H, W, C) from the manifest; without one, the first image sets it
         decode_meta = self.decode_meta
         num_classes = self.num_classes
@@ -70,17 +82,25 @@ class BatchDecoder:
                 if with_image:
                     data = fields.get(ext)
                     if data is None:  # another image field than the previous sample's
-                        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), IMAGE_EXTENSIONS[0])
+                        ext = next((e for e in fields_order if e in fields), fields_order[0])
                         data = fields.get(ext)
                         if data is None:
                             raise DecodeError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
                     # the schema's shape bounds the decode: a larger image is refused before it is inflated
                     fast = png_scanlines(data, shape) if ext == "png" else npy_pixels(data) if ext == "npy" else None
-                    if fast is not None:
+                    if resize is not None:  # any size in, one size out: decoded one by one
+                        item = resize_image(decode_image(data, ext), *resize)
+                        if shape is None:
+                            shape = self.image_shape = item.shape
+                        if item.shape != shape:
+                            raise DecodeError(f"image has {item.shape[2]} channels, the set's images {shape[2]}")
+                        kind = "array"
+                    elif fast is not None:
                         if shape is None:
                             shape = self.image_shape = fast[1]
                         if fast[1] != shape:  # decode_image would give this very shape
-                            raise DecodeError(f"image is {fast[1]}, the set's schema says {shape}")
+                            raise DecodeError(f"image is {fast[1]} (H, W, C), the set's images are {shape}: "
+                                              "data.resize trains images of varied sizes")
                         item = fast[0]
                         kind = ext
                     else:
@@ -88,15 +108,20 @@ class BatchDecoder:
                         if shape is None:
                             shape = self.image_shape = item.shape
                         if item.shape != shape:
-                            raise DecodeError(f"image is {item.shape}, the set's schema says {shape}")
+                            raise DecodeError(f"image is {item.shape} (H, W, C), the set's images are {shape}: "
+                                              "data.resize trains images of varied sizes")
                         kind = "array"
                 decoded = {}
                 for name, spec in self.arrays.items():
                     if spec["field"] not in fields:
                         raise DecodeError(f"no {spec['field']} field (has {', '.join(sorted(fields)) or 'nothing'})")
                     decoded[name] = decode_array(fields[spec["field"]], spec["dtype"], spec["shape"])
-                label = decode_label(fields.get("cls"), num_classes)
+                label = (decode_label(fields.get("cls"), num_classes) if label_spec is None
+                         else label_spec.read(fields, num_classes))
                 meta = _json_decode(fields["json"].decode("utf-8")) if decode_meta and "json" in fields else None
+                if transform is not None and kind != "none":
+                    item = _transformed(transform, _as_image(kind, item, shape), label)
+                    kind = "array"
             except (DecodeError, ValueError, UnicodeDecodeError, RecursionError) as e:  # JSON nested too deep
                 log.warning("corrupt sample skipped: shard %s key %s: %s", shard, key, e)
                 bad += 1
@@ -162,6 +187,14 @@ def unpack_message(message: dict[str, Any]) -> Iterator[tuple[int, int, int, dic
 
 
 _json_decode = json.JSONDecoder().decode  # json.loads on bytes first sniffs their encoding; ours are UTF-8
+
+
+def _transformed(transform: Callable[[np.ndarray, int], np.ndarray], image: np.ndarray, label: int) -> np.ndarray:
+    out = transform(np.array(image), label)  # a copy: the transform may write into it
+    if not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != np.uint8:
+        raise TypeError(f"the loader's transform must return a uint8 array of shape {image.shape}, it returned "
+                        f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    return out
 
 
 def _as_image(kind: str, item: Any, shape: tuple[int, int, int]) -> np.ndarray:

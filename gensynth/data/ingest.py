@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 from gensynth import __version__, storage
-from gensynth.data.codec import DecodeError, check_label
+from gensynth.data.codec import DecodeError, as_hwc, check_label, resize_image
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, write_manifest
 from gensynth.data.sources import Source
 from gensynth.data.writer import ShardSetWriter, staged_name
@@ -69,7 +69,8 @@ def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
 
 
 def ingest(source: Source, out: str, split: str = "train", shard_size: int = 5000, encoding: str = "png",
-           seed: int | None = 0, overwrite: bool = False, per_class: int | None = None) -> Manifest:
+           seed: int | None = 0, overwrite: bool = False, per_class: int | None = None,
+           resize: tuple[int, str] | None = None) -> Manifest:
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
     The shards are written under hidden staged names beside the set and swapped in only once all are
@@ -101,11 +102,18 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
             record = source.record(int(i))
             source_label(source, record.index, record.label)
             try:
-                writer.add(f"{split}-{record.index:08d}", record.image, record.label, record.meta)
+                image = record.image
+                if resize is not None:  # images of varied sizes -> one square size (the first's shorter side at 0)
+                    image = as_hwc(np.asarray(image))
+                    resize = (resize[0] or min(image.shape[:2]), resize[1])
+                    image = resize_image(image, *resize)
+                writer.add(f"{split}-{record.index:08d}", image, record.label, record.meta)
             except ValueError as e:
                 raise InputDataError(f"{source.spec}: record {record.index}: {e}") from None
         provenance = {"kind": "ingest", **source.provenance(), "split": split, "seed": seed,
                       "shard_size": shard_size, "gensynth_version": __version__}
+        if resize is not None:
+            provenance["resize"] = {"size": resize[0], "mode": resize[1]}
         if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
             provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
                                        "chosen_from": len(source)}

@@ -205,8 +205,10 @@ def manifest_url(location: str) -> str:
 def read_manifest(location: str) -> Manifest:
     url = manifest_url(location)
     if not storage.exists(url):
-        raise UsageError(f"no {MANIFEST_NAME} at {storage.parent(url)}: not a complete shard set "
-                         f"(make one with `gensynth shard`, or name the shards with a pattern)")
+        shown = str(location).rstrip("/")
+        raise UsageError(f"no {MANIFEST_NAME} at {storage.parent(url)}: not a complete shard set; for WebDataset "
+                         f"tars you already have, write one with `gensynth index '{shown}'` (the tars stay as they "
+                         "are), or make a new set with `gensynth shard`")
     return Manifest.from_json(storage.read_bytes(url), where=url)
 
 

@@ -381,20 +381,31 @@ class ShardSetSource(Source):
         folder = storage.parent(self.url) if self.url.endswith(".json") else self.url
         self.sha256 = manifest_sha256(self.url)
         self.classes = self.manifest.classes
+        from gensynth.data.stream import label_spec
+
         num_classes, shape = self.manifest.num_classes, self.manifest.image_shape
+        if (self.manifest.schema.get("image") or {}).get("sizes"):
+            shape = None  # images of several sizes (gensynth shard --resize makes them one)
+        spec_of_label = label_spec(self.manifest.schema, self.manifest, None)
+        field = (self.manifest.schema.get("image") or {}).get("field")
+        order = (field, *IMAGE_EXTENSIONS) if field else IMAGE_EXTENSIONS
         self.records: list[tuple[str, np.ndarray, int | None, dict[str, Any]]] = []
         for shard in self.manifest.shards:
             url = storage.join(folder, shard.name)
             try:
                 with storage.open_read(url) as f:
                     for key, fields in iter_samples(f):
-                        ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+                        ext = next((e for e in order if e in fields), None)
                         if ext is None:
                             raise InputDataError(f"{url}: sample {key} has no image field")
                         try:
                             image = decode_image(fields[ext], ext, shape)
-                            labelled = num_classes is not None or "cls" in fields
-                            label = decode_label(fields.get("cls"), num_classes) if labelled else None
+                            if spec_of_label is not None:
+                                label = spec_of_label.read(fields, num_classes)
+                                label = None if label < 0 else label
+                            else:
+                                labelled = num_classes is not None or "cls" in fields
+                                label = decode_label(fields.get("cls"), num_classes) if labelled else None
                             meta = json.loads(fields["json"]) if "json" in fields else {}
                         except (DecodeError, ValueError, RecursionError) as e:
                             raise InputDataError(f"{url}: sample {key}: {e}") from None

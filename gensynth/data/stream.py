@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gensynth.data.codec import LabelSpec
 from gensynth.data.collate import BatchDecoder, pack_message, unpack_message
 from gensynth.data.plan import (
     Segment,
@@ -89,7 +91,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, shards: list[Shard], batch_size: int, mode: str, seed: int, buffer: int, rank: int,
                  world: int, workers: int, max_corrupt_fraction: float, image_shape: tuple[int, ...] | None,
                  decode_meta: bool, arrays: dict[str, dict[str, Any]] | None = None, with_image: bool = True,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, label: LabelSpec | None = None,
+                 resize: tuple[int, str] | None = None, image_field: str | None = None,
+                 transform: Callable[[np.ndarray, int], np.ndarray] | None = None):
         self.shards = shards
         self.counts = [s.samples for s in shards]
         self.batch_size = batch_size
@@ -98,7 +102,8 @@ class ShardDataset(IterableDataset):
         self.buffer = buffer
         self.rank, self.world, self.workers = rank, world, workers
         self.max_corrupt_fraction = max_corrupt_fraction
-        self.decode = BatchDecoder(image_shape, arrays, num_classes, with_image, decode_meta)
+        self.decode = BatchDecoder(image_shape, arrays, num_classes, with_image, decode_meta, label, resize,
+                                   image_field, transform)
         self.epoch = 0
         self.skip = [0] * workers  # batches each worker already delivered (resume)
         self.group = 1  # batches per message from a worker (see __iter__); ShardLoader sets it
@@ -201,13 +206,29 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-class ShardLoader:
-    """Batches of one rank's share of a shard set; see the module docstring."""
+def label_spec(schema: dict[str, Any], manifest: Any, label_key: str | None) -> LabelSpec | None:
+    """Where the labels are: `label_key`, else the manifest's schema (gensynth index records it); None = cls."""
+    recorded = schema.get("label") or {}
+    key = label_key or (".".join([recorded["field"], *recorded.get("path", [])]) if recorded else None)
+    if not key or (key == "cls" and not recorded.get("names")):
+        return None
+    try:
+        return LabelSpec(key, manifest.classes if manifest is not None else None)
+    except ValueError as e:
+        raise UsageError(f"data.label_key: {e}") from None
+
+
+class ShardLoader(IterableDataset):
+    """Batches of one rank's share of a shard set; see the module docstring. An IterableDataset, so it is the
+    first stage of a webdataset pipeline as it is: `wds.DataPipeline(loader, wds.map(f))` (stages after it get
+    whole batches)."""
 
     def __init__(self, source: str | list[str], batch_size: int, mode: str = "exact", seed: int = 0,
                  shuffle_buffer: int = 2000, num_workers: int = 0, rank: int | None = None,
                  world_size: int | None = None, max_corrupt_fraction: float = 0.001, pin_memory: bool = False,
-                 decode_meta: bool = True, prefetch_factor: int = 4):
+                 decode_meta: bool = True, prefetch_factor: int = 4, label_key: str | None = None,
+                 resize: tuple[int, str] | None = None,
+                 transform: Callable[[np.ndarray, int], np.ndarray] | None = None):
         if mode not in MODES:
             raise UsageError(f"loader mode {mode!r}: use one of {', '.join(MODES)}")
         if batch_size < 1:
@@ -228,9 +249,23 @@ class ShardLoader:
         self.batch_size = batch_size
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        image = schema.get("image") or {}
+        if image.get("sizes") and resize is None:
+            sizes = ", ".join(f"{k}: {v}" for k, v in list(image["sizes"].items())[:4])
+            raise UsageError(f"{source}: its images have {len(image['sizes'])} sizes ({sizes}); make them one size "
+                             "with data.resize=crop or pad (and data.image_size) to train, eval.resize to evaluate")
+        if resize is not None:
+            side = resize[0] or (min(shape[:2]) if shape else 0)
+            if side < 1:
+                raise UsageError(f"{source}: resize needs a size (data.image_size) for a set without a manifest")
+            resize = (side, resize[1])
+            shape = (side, side, shape[2]) if shape else None
+        self.image_shape = shape  # (H, W, C) of the batches' images
         self.dataset = ShardDataset(self.shards, batch_size, mode, seed, shuffle_buffer, self.rank,
                                     self.world_size, max(1, num_workers), max_corrupt_fraction, shape, decode_meta,
-                                    self.arrays, with_image, self.manifest.num_classes if self.manifest else None)
+                                    self.arrays, with_image, self.manifest.num_classes if self.manifest else None,
+                                    label_spec(schema, self.manifest, label_key), resize, image.get("field"),
+                                    transform)
         if num_workers and shape is not None:  # several small batches per message (see GROUP_BYTES)
             batch_bytes = batch_size * shape[0] * shape[1] * shape[2]
             self.dataset.group = max(1, min(MAX_GROUP, GROUP_BYTES // batch_bytes))

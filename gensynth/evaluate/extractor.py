@@ -81,10 +81,13 @@ class Extractor:
                 "test": self.config["test"], "protocol": self.config["protocol"], "feature_dim": self.feature_dim}
 
 
-def recipe_for(epochs: float, seed: int) -> dict[str, Any]:
+def recipe_for(epochs: float, seed: int, resize: tuple[int, str] | None = None) -> dict[str, Any]:
     recipe = {k: v for k, v in Recipe().to_dict().items() if k != "steps"}  # the extractor counts epochs
-    return {"recipe": recipe, "epochs": epochs, "seed": seed, "architecture": "SmallCNN",
-            "features": "penultimate layer (128-d, after ReLU)"}
+    protocol = {"recipe": recipe, "epochs": epochs, "seed": seed, "architecture": "SmallCNN",
+                "features": "penultimate layer (128-d, after ReLU)"}
+    if resize is not None:  # images of varied sizes, made one (ShardLoader's resize): another extractor
+        protocol["resize"] = list(resize)
+    return protocol
 
 
 def protocol_digest(protocol: dict[str, Any]) -> str:
@@ -115,9 +118,9 @@ def _stream(loader: ShardLoader, steps: int) -> Iterator[tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def measure_accuracy(model: SmallCNN, test_url: str) -> tuple[float, int]:
+def measure_accuracy(model: SmallCNN, test_url: str, resize: tuple[int, str] | None = None) -> tuple[float, int]:
     loader = ShardLoader(test_url, batch_size=500, mode="exact", shuffle_buffer=0, rank=0, world_size=1,
-                         decode_meta=False)
+                         decode_meta=False, resize=resize)
     right = total = 0
     for batch in loader:
         _, logits = embed(model, batch["image"])
@@ -127,7 +130,7 @@ def measure_accuracy(model: SmallCNN, test_url: str) -> tuple[float, int]:
 
 
 def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: float = 2.0, seed: int = 0,
-                    num_workers: int = 1) -> Extractor:
+                    num_workers: int = 1, resize: tuple[int, str] | None = None) -> Extractor:
     """Train the extractor on every sample of `train_url` for `epochs` epochs, measure its accuracy on
     `test_url`, save it as an export in `out`."""
     manifest = read_manifest(train_url)
@@ -141,7 +144,7 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
     workers = num_workers if manifest.num_samples > SMALL_SET else 0
     loader = ShardLoader(train_url, batch_size=recipe.batch_size, mode="exact", seed=seed,
                          shuffle_buffer=min(5000, manifest.num_samples), num_workers=workers, rank=0,
-                         world_size=1, decode_meta=False)
+                         world_size=1, decode_meta=False, resize=resize)
     steps = max(1, math.ceil(epochs * len(loader)))
     log.info("training the feature extractor on %s (%d samples, %g epochs = %d steps; cached for reuse) ...",
              train_url, manifest.num_samples, epochs, steps)
@@ -154,18 +157,19 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
         generator = torch.Generator().manual_seed(seed)
         fit(model, _stream(loader, steps), steps, recipe, generator, torch.device("cpu"), on_step)
     seconds = time.monotonic() - started
-    acc, tested = measure_accuracy(model, test_url)
+    acc, tested = measure_accuracy(model, test_url, resize)
     log.info("feature extractor: %.2f%% test accuracy on %s (%d images), trained in %.0f s", 100 * acc, test_url,
              tested, seconds)
     config = {
         "kind": KIND, "family": "classifier", "architecture": model.architecture,
         "classes": manifest.classes or [str(i) for i in range(num_classes)], "num_classes": num_classes,
-        "image": {k: image[k] for k in ("height", "width", "channels")},
+        "image": ({"height": resize[0], "width": resize[0], "channels": image["channels"]} if resize else
+                  {k: image[k] for k in ("height", "width", "channels")}),
         "data": {"train": str(train_url), "manifest_sha256": manifest_sha256(train_url),
                  "samples": manifest.num_samples},
         "test": {"url": str(test_url), "manifest_sha256": manifest_sha256(test_url), "samples": tested,
                  "accuracy": acc},
-        "protocol": {**recipe_for(epochs, seed), "steps": steps, "torch": torch.__version__,
+        "protocol": {**recipe_for(epochs, seed, resize), "steps": steps, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1)},
         "trained_with": f"gensynth {__version__}",
     }
@@ -174,7 +178,7 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
 
 
 def resolve_extractor(train_url: str, test_url: str | None = None, extractor: str = "", cache: str = "",
-                      epochs: float = 2.0, seed: int = 0) -> Extractor:
+                      epochs: float = 2.0, seed: int = 0, resize: tuple[int, str] | None = None) -> Extractor:
     """The extractor to use: the export named by `extractor`, else the cached one for `train_url`'s
     manifest sha256 and this protocol, trained now if there is none (with a message and progress)."""
     if extractor:
@@ -183,12 +187,12 @@ def resolve_extractor(train_url: str, test_url: str | None = None, extractor: st
     if not test_url:
         raise UsageError(f"no real test set for the feature extractor's accuracy: {train_url} has no sibling "
                          "'test' shard set; name one (gensynth eval --real, or eval.real_test=URL in training)")
-    protocol = recipe_for(epochs, seed)
+    protocol = recipe_for(epochs, seed, resize)
     folder = cache_root(cache) / "extractors" / manifest_sha256(train_url) / protocol_digest(protocol)
     if (folder / "config.json").is_file():
         found = load_extractor(folder)
         if found.config["test"]["manifest_sha256"] != manifest_sha256(test_url):
-            acc, tested = measure_accuracy(found.model, test_url)
+            acc, tested = measure_accuracy(found.model, test_url, resize)
             found.config["test"] = {"url": str(test_url), "manifest_sha256": manifest_sha256(test_url),
                                     "samples": tested, "accuracy": acc}
         log.info("feature extractor: cached %s (%.2f%% test accuracy)", folder, 100 * found.test_accuracy)
@@ -196,7 +200,7 @@ def resolve_extractor(train_url: str, test_url: str | None = None, extractor: st
     tmp = folder.parent / f".{folder.name}{storage.TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        train_extractor(train_url, test_url, tmp, epochs, seed)
+        train_extractor(train_url, test_url, tmp, epochs, seed, resize=resize)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first: use theirs

@@ -55,12 +55,14 @@ class ImageSet:
 SMALL_SET = 10000  # below this many samples a loader worker process costs more than it saves
 
 
-def load_image_set(url: str, num_workers: int = 1, desc: str | None = None) -> ImageSet:
-    """Every sample of a shard set (folder, s3:// prefix or manifest URL), in the loader's seeded order."""
+def load_image_set(url: str, num_workers: int = 1, desc: str | None = None,
+                   resize: tuple[int, str] | None = None) -> ImageSet:
+    """Every sample of a shard set (folder, s3:// prefix or manifest URL), in the loader's seeded order; with
+    `resize` (side, "crop" | "pad"), its images made side x side squares (ShardLoader's resize)."""
     shards, _ = resolve_shards(url)
     workers = num_workers if sum(s.samples for s in shards) > SMALL_SET else 0
     loader = ShardLoader(url, batch_size=500, mode="exact", seed=0, shuffle_buffer=0, num_workers=workers,
-                         rank=0, world_size=1, decode_meta=False)
+                         rank=0, world_size=1, decode_meta=False, resize=resize)
     images, labels, keys = [], [], []
     for batch in progress(loader, total=len(loader), desc=desc or f"read {url}", unit="batches"):
         images.append(batch["image"])

@@ -26,8 +26,8 @@ import torch
 
 from gensynth import __version__, storage
 from gensynth.config import EvalConfig
-from gensynth.data.manifest import imitated_set, manifest_url
-from gensynth.errors import UsageError
+from gensynth.data.manifest import imitated_set, manifest_url, read_manifest
+from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate import fidelity
 from gensynth.evaluate.classifier import Recipe
 from gensynth.evaluate.extractor import resolve_extractor
@@ -53,6 +53,14 @@ def usefulness_protocol(cfg: EvalConfig) -> UsefulnessProtocol:
     recipe = Recipe(steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, lr=cfg.classifier_lr)
     return UsefulnessProtocol(recipe, cfg.seed, cfg.seeds, cfg.synthetic_fraction, cfg.synthetic_weight,
                               cfg.synthetic_filter)
+
+
+def _varied(url: str) -> bool:
+    """Whether a set's images have several sizes (gensynth index records them)."""
+    try:
+        return bool((read_manifest(url).schema.get("image") or {}).get("sizes"))
+    except GensynthError:
+        return False
 
 
 def _shape(s: ImageSet) -> tuple[int, ...]:
@@ -112,8 +120,10 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     if not train:
         raise UsageError(f"{synthetic}: its manifest does not name the generator's training data; "
                          "pass the real training set with --train")
-    test_all = load_image_set(real_test, desc="read real test set")
-    train_all = load_image_set(train, desc="read real training set")
+    # real sets of varied image sizes are made the synthetic set's size (eval.resize)
+    fit = None if cfg.resize == "none" else (int(synth_all.images.shape[-1]), cfg.resize)
+    test_all = load_image_set(real_test, desc="read real test set", resize=fit)
+    train_all = load_image_set(train, desc="read real training set", resize=fit)
     for name, s in (("real test set", test_all), ("real training set", train_all)):
         if _shape(s) != _shape(synth_all):
             raise UsageError(f"{s.url}: the {name} holds {_shape(s)} images, the synthetic set "
@@ -121,13 +131,14 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     generator_train = train_all
     if trained_on and trained_on != train:
         if _readable(trained_on):
-            generator_train = load_image_set(trained_on, desc="read the generator's training set")
+            generator_train = load_image_set(trained_on, desc="read the generator's training set", resize=fit)
         else:
             log.warning("the generator's training set %s is not readable here: memorisation is measured against "
                         "%s instead", trained_on, train)
     lap("read")
 
-    extractor = resolve_extractor(train, real_test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed)
+    extractor = resolve_extractor(train, real_test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed,
+                                  resize=fit if _varied(train) else None)
     num_classes = int(extractor.config["num_classes"])
     lap("extractor")
 
@@ -175,7 +186,8 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                        "per class that the classifier gets (gensynth shard shards:TRAIN OUT --per-class K; "
                        "bench/quality.py does it all)"}
     else:
-        k_data = generator_train if k_url == generator_train.url else load_image_set(k_url, desc="read the K set")
+        k_data = (generator_train if k_url == generator_train.url
+                  else load_image_set(k_url, desc="read the K set", resize=fit))
         check_generator_saw_only(synth_all, k_data)  # refuses (exit 2) before any classifier is trained
         if per_class_count(k_data.labels) is None:
             log.warning("%s does not hold the same number of samples in every class", k_url)

@@ -37,6 +37,12 @@ class StepResult:
     nonfinite: bool = False  # a loss was NaN or Inf on this rank
 
 
+def reading(cfg: Any) -> dict[str, Any]:
+    """How a run reads its image sets (ShardLoader keywords): where the labels are, and data.resize."""
+    return {"label_key": cfg.data.label_key or None,
+            "resize": None if cfg.data.resize == "none" else (cfg.data.image_size, cfg.data.resize)}
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The config's rate wins over the one stored with the optimizer state (after a resume)."""
     for group in optimizer.param_groups:

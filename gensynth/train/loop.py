@@ -34,7 +34,7 @@ from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.metrics import MetricContext, check_metrics, evaluate, needs_extractor
 from gensynth.export import save_export
 from gensynth.families import get_family
-from gensynth.families.training import DataInfo, Trainer, params_digest, sync_buffers
+from gensynth.families.training import DataInfo, Trainer, params_digest, reading, sync_buffers
 from gensynth.imaging import to_network
 from gensynth.runtime.layout import RunLayout
 from gensynth.runtime.ranks import all_agree
@@ -83,15 +83,16 @@ def data_info(loader: ShardLoader, source: str) -> DataInfo:
                              f"it holds {', '.join(arrays) or 'none'}")
         behind = manifest.provenance.get("images") or {}
         inputs, images, images_sha256 = next(iter(arrays)), behind.get("train"), behind.get("manifest_sha256")
-    return DataInfo(image["height"], image["width"], image["channels"], num_classes, classes, sha256, inputs,
-                    images, images_sha256)
+    height, width, channels = loader.image_shape if "image" in schema else (image["height"], image["width"],
+                                                                             image["channels"])
+    return DataInfo(height, width, channels, num_classes, classes, sha256, inputs, images, images_sha256)
 
 
-def first_images(url: str, n: int, seed: int, labels: bool = False):
+def first_images(url: str, n: int, seed: int, labels: bool = False, **reading: Any):
     """The first n images (uint8 [n, C, H, W]) of a shard set in one fixed order (and their labels)."""
     images, found = [], []
     for batch in ShardLoader(url, batch_size=min(n, 500), mode="exact", rank=0, world_size=1, seed=seed,
-                             decode_meta=False):
+                             decode_meta=False, **reading):
         images.append(batch["image"])
         found.append(batch["label"])
         if sum(map(len, found)) >= n:
@@ -138,7 +139,7 @@ class Run:
                                   num_workers=cfg.data.num_workers, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes,
                                   max_corrupt_fraction=cfg.data.max_corrupt_fraction,
-                                  pin_memory=self.acc.device.type == "cuda", decode_meta=False)
+                                  pin_memory=self.acc.device.type == "cuda", decode_meta=False, **reading(cfg))
         self.data = data_info(self.loader, cfg.data.train)
         if self.data.inputs != self.family.inputs:
             raise UsageError(f"{cfg.data.train}: model.family={cfg.model.family} trains on '{self.family.inputs}', "
@@ -279,7 +280,7 @@ class Run:
 
         e = self.cfg.eval
         extractor = resolve_extractor(self.data.images or self.cfg.data.train, e.real_test or None, e.extractor,
-                                      e.cache, e.extractor_epochs, e.seed)
+                                      e.cache, e.extractor_epochs, e.seed, resize=self.loader.dataset.decode.resize)
         log.info("eval metrics use the feature extractor %s (%.2f%% real test accuracy)", extractor.folder,
                  100 * extractor.test_accuracy)
         return extractor
@@ -293,8 +294,9 @@ class Run:
         unseen = self.cfg.data.test or self.cfg.eval.real_test or sibling_test_set(train_url)
         if not unseen:
             raise UsageError("eval.metrics near_copies needs unseen real images: set data.test or eval.real_test")
-        return (first_images(train_url, self.cfg.eval.copy_train_images, self.cfg.run.seed),
-                first_images(unseen, self.cfg.eval.num_samples, self.cfg.run.seed), self.cfg.eval.copy_ratio)
+        return (first_images(train_url, self.cfg.eval.copy_train_images, self.cfg.run.seed, **reading(self.cfg)),
+                first_images(unseen, self.cfg.eval.num_samples, self.cfg.run.seed, **reading(self.cfg)),
+                self.cfg.eval.copy_ratio)
 
     def evaluate(self, tracker: Tracker, step: int) -> None:
         """On the main process: the eval.metrics plug-ins on fixed noise and a fixed real sample (families
@@ -323,7 +325,8 @@ class Run:
     def generated_metrics(self) -> dict[str, float]:
         n = self.cfg.eval.num_samples
         if self.reference is None:
-            self.reference = first_images(self.data.images or self.cfg.data.train, n, self.cfg.run.seed, True)
+            self.reference = first_images(self.data.images or self.cfg.data.train, n, self.cfg.run.seed, True,
+                                          **reading(self.cfg))
         fake_labels = torch.arange(n) % self.data.num_classes
         fake = self.trainer.generate(fake_labels, seed=self.cfg.run.seed + 1)
         return evaluate(self.cfg.eval.metrics, fake, fake_labels, *self.reference, context=self.metric_context)
@@ -332,6 +335,7 @@ class Run:
         """(network images, labels) of the first eval.heldout_samples of data.test, in a fixed order."""
         left = self.cfg.eval.heldout_samples
         loader = ShardLoader(self.cfg.data.test, batch_size=batch_size, mode="exact", rank=0, world_size=1,
+                             **reading(self.cfg),
                              seed=self.cfg.run.seed, shuffle_buffer=0, decode_meta=False)
         for batch in loader:
             if left <= 0:

@@ -27,7 +27,14 @@ from accelerate import Accelerator
 from gensynth.config import Config
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
-from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step, set_learning_rate
+from gensynth.families.training import (
+    DataInfo,
+    StepResult,
+    Trainer,
+    clip_and_step,
+    reading,
+    set_learning_rate,
+)
 from gensynth.families.vqvae.sampler import vqvae_reconstruct
 from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.vqvae import VQVAE
@@ -45,12 +52,12 @@ def vqvae_architecture(cfg: Config, data: DataInfo) -> dict[str, Any]:
                 restart_after=v.restart_after, usage_window=v.usage_window)
 
 
-def grid_images(source: str, per_class: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+def grid_images(source: str, per_class: int, num_classes: int, seed: int = 0, **reading: Any) -> torch.Tensor:
     """uint8 [per_class * num_classes, C, H, W]: the first `per_class` images of each class in a fixed pass
     over `source`, ordered round by round (class 0..K-1, then again). A class with too few images repeats."""
     found: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
     for batch in ShardLoader(source, batch_size=256, mode="exact", rank=0, world_size=1, seed=seed,
-                             shuffle_buffer=0, decode_meta=False):
+                             shuffle_buffer=0, decode_meta=False, **reading):
         for image, label in zip(batch["image"], batch["label"].tolist()):
             if 0 <= label < num_classes and len(found[label]) < per_class:
                 found[label].append(image)
@@ -129,7 +136,7 @@ class VQVAETrainer(Trainer):
         """Reconstruction grid: pairs of rows, inputs (one per class) over their reconstructions."""
         if self.grid_inputs is None:
             self.grid_inputs = grid_images(self.cfg.data.test or self.cfg.data.train, self.cfg.vqvae.grid_per_class,
-                                           self.data.num_classes, self.cfg.run.seed)
+                                           self.data.num_classes, self.cfg.run.seed, **reading(self.cfg))
         outputs = vqvae_reconstruct(self.raw, self.grid_inputs, self.data.height, self.data.width).images
         return reconstruction_grid(self.grid_inputs, outputs, self.data.num_classes)
 
