@@ -47,6 +47,12 @@ def describe_manifest(location: str, manifest: Manifest) -> list[str]:
         for seen in training_sets(prov):
             lines.append(f"trained on {seen.get('train')} (manifest {str(seen.get('manifest_sha256'))[:12]}..., "
                          f"{seen.get('kind')}{', by the ' + seen['model'] if seen.get('model') else ''})")
+        teacher = (prov.get("relabel") or {}).get("teacher")
+        if teacher:  # generate --relabel
+            trained, acc = teacher.get("trained_on") or {}, teacher.get("test_accuracy")
+            lines.append(f"soft labels by the teacher {str(teacher.get('weights_sha256'))[:12]}... trained on "
+                         f"{trained.get('train')} ({trained.get('samples')} samples), test accuracy "
+                         + ("unknown" if acc is None else f"{100 * acc:.2f}%"))
     elif prov.get("kind") == "codes":
         vq = prov.get("vqvae", {})
         lines.append(f"provenance codes of {prov.get('images', {}).get('train', '?')} by the VQ-VAE export "

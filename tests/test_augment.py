@@ -133,7 +133,7 @@ def test_real_samples_get_one_hot_soft_labels_when_the_synthetic_set_has_soft_la
     real_rows = [i for i, k in enumerate(batch["key"]) if k.startswith("real-")]
     assert len(real_rows) == 103 and len(batch["key"]) == 103 + 11
     one_hot = np.eye(10, dtype=np.float32)[batch["label"][real_rows].numpy()]
-    assert np.array_equal(batch["soft"][real_rows].numpy(), one_hot)
+    assert np.array_equal(batch["soft_label"][real_rows].numpy(), one_hot)
 
 
 def test_interleave_spreads_the_minority_evenly():

@@ -385,10 +385,23 @@ def array_field(name: str) -> str:
     return f"{name}.npy"
 
 
+# `gensynth generate --relabel` stores a teacher's class probabilities as the array `soft` (soft.npy); loaders
+# hand it out as batch["soft_label"], the name a training loop reads next to batch["label"].
+SOFT_ARRAY = "soft"
+SOFT_LABEL_KEY = "soft_label"
+
+
+def batch_key(name: str) -> str:
+    """The batch key of the array `name`: its own name, but soft -> soft_label."""
+    return SOFT_LABEL_KEY if name == SOFT_ARRAY else name
+
+
 def check_array_name(name: str) -> str:
-    if not name.isidentifier() or not name.islower() or name in ("image", "label", "key", "meta", "cls", "json"):
+    reserved = ("image", "label", "key", "meta", "cls", "json", SOFT_LABEL_KEY)
+    if not name.isidentifier() or not name.islower() or name in reserved:
         raise ValueError(f"array name {name!r}: use a lower-case identifier that is not image, label, key, meta, "
-                         "cls or json (it becomes the field <name>.npy and the batch key)")
+                         f"cls, json or {SOFT_LABEL_KEY} (it becomes the field <name>.npy and the batch key; "
+                         f"{SOFT_ARRAY} arrives as batch[{SOFT_LABEL_KEY!r}])")
     return name
 
 

@@ -19,6 +19,7 @@ from gensynth.data.codec import (
     IMAGE_EXTENSIONS,
     DecodeError,
     LabelSpec,
+    batch_key,
     decode_array,
     decode_image,
     decode_label,
@@ -151,8 +152,8 @@ class BatchDecoder:
         batch = {"image": images.reshape(n, h, w, c).transpose(0, 3, 1, 2),
                  "label": np.array(labels, dtype=np.int64), "key": keys}
         for name, spec in self.arrays.items():  # numpy here; unpack_message makes them tensors
-            batch[name] = (np.stack(arrays[name]) if arrays[name] else
-                           np.empty((0, *spec["shape"]), dtype=spec["dtype"]))
+            batch[batch_key(name)] = (np.stack(arrays[name]) if arrays[name] else
+                                      np.empty((0, *spec["shape"]), dtype=spec["dtype"]))
         if decode_meta:
             batch["meta"] = metas
         return batch, bad

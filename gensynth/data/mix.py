@@ -8,6 +8,7 @@
         images, labels = batch["image"], batch["label"]
         source = batch["source"]              # int64 [n]: index of the source each sample came from
         weight = batch["weight"]              # float32 [n]: per-sample loss weight (here 1.0 real, 0.5 synth)
+        soft = batch.get("soft_label")        # float32 [n, classes] when a source has soft labels, else absent
 
 Every batch holds the same number of samples from each source, in the ratio given (largest remainder:
 64 + 64 here). The first source is the primary: in `mode="exact"` one iteration is exactly one of its
@@ -16,6 +17,11 @@ endlessly (`resampled`: every sample once per pass of its own, a fresh order eac
 run dry and never end an epoch early. In `mode="resampled"` every source is endless. Each source is a
 `ShardLoader` with its own seed, sharded across ranks the same way; `state_dict()` holds all their
 positions, so a resumed run sees the very same batches as an uninterrupted one.
+
+Soft labels (`gensynth generate --relabel`): when any source has them, every batch has
+batch["soft_label"], float32 [n, classes], so the whole batch trains with one loss. A source without
+them contributes the one-hot of its labels (the same target its hard label gives cross-entropy); a
+sample without a label (-1) gets a row of zeros, i.e. no target.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import torch
 
+from gensynth.data.codec import SOFT_ARRAY, SOFT_LABEL_KEY
 from gensynth.data.plan import derive_seed
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
@@ -42,6 +49,14 @@ def split_batch(batch_size: int, ratio: list[float]) -> list[int]:
         raise UsageError(f"mix ratio {ratio} with batch_size {batch_size} gives the primary source no sample per "
                          "batch; raise its share or the batch size")
     return counts
+
+
+def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """float32 [n, classes] one-hot rows of `labels`; a row of zeros for a sample without a label (-1)."""
+    out = torch.zeros(len(labels), classes)
+    known = labels >= 0
+    out[known.nonzero().squeeze(1), labels[known]] = 1.0
+    return out
 
 
 class MixLoader:
@@ -70,6 +85,7 @@ class MixLoader:
                                             mode=mode if i == 0 else "resampled", **loader_options))
         self._streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.loaders)
         self._check_compatible()
+        self.soft_width = self._soft_width()
 
     def _check_compatible(self) -> None:
         """Sources must hold the same image format and, where named, the same classes."""
@@ -84,6 +100,20 @@ class MixLoader:
             if first.classes and manifest.classes and first.classes != manifest.classes:
                 raise UsageError(f"cannot mix {first_name} and {name}: their class lists differ "
                                  f"({first.classes} vs {manifest.classes}), so the same label would mean two things")
+
+    def _soft_width(self) -> int | None:
+        """Classes per soft label when a source has soft labels (they must agree), else None."""
+        widths = {name: loader.arrays[SOFT_ARRAY]["shape"][0] for name, loader in zip(self.names, self.loaders)
+                  if SOFT_ARRAY in loader.arrays}
+        if not widths:
+            return None
+        width = max(widths.values())
+        for name, loader in zip(self.names, self.loaders):
+            classes = widths.get(name) or (loader.manifest.num_classes if loader.manifest else None) or 0
+            if classes != width and (name in widths or classes > width):
+                raise UsageError(f"cannot mix {name} ({classes} classes) into soft labels of {width} classes "
+                                 f"({', '.join(widths)}): one class list per batch")
+        return width
 
     @property
     def primary(self) -> ShardLoader:
@@ -117,6 +147,9 @@ class MixLoader:
                  "weight": torch.cat([torch.full((m,), self.weights[i]) for i, m in enumerate(n)])}
         if all("meta" in p for p in parts):
             batch["meta"] = [m for p in parts for m in p["meta"]]
+        if self.soft_width is not None:
+            batch[SOFT_LABEL_KEY] = torch.cat([p[SOFT_LABEL_KEY] if SOFT_LABEL_KEY in p else
+                                               one_hot(p["label"], self.soft_width) for p in parts])
         return batch
 
     @property

@@ -7,7 +7,8 @@
 
 A shard set whose manifest lists arrays (`schema["arrays"]`, e.g. a VQ-VAE's `codes`) yields them
 as batch[name]: a tensor [n, *shape] of the schema's dtype, e.g. int16 [n, 8, 8]; a set of arrays
-without images has no batch["image"].
+without images has no batch["image"]. The soft labels of `gensynth generate --relabel` (the array `soft`)
+arrive as batch["soft_label"], float32 [n, num_classes].
 
 Under torch.distributed the rank and world size are read from the process group (or RANK /
 WORLD_SIZE); each rank builds its own ShardLoader over the same shard set.

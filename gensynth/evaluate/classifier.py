@@ -95,20 +95,24 @@ def take(it: Iterator[int], k: int) -> list[int]:
 
 @dataclass
 class Pool:
-    """Labelled images to train on, with the weight of their loss (synthetic data may count less)."""
+    """Labelled images to train on, with the weight of their loss (synthetic data may count less), and
+    optionally soft targets (a teacher's class probabilities) that replace the labels in the loss."""
 
     images: torch.Tensor  # uint8 [n, C, H, W]
     labels: torch.Tensor  # int64 [n]
     weight: float = 1.0
+    soft: torch.Tensor | None = None  # float32 [n, classes]: cross-entropy against these (distillation)
 
 
 def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
-                       generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                       generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
     """(images, labels, per-sample weights) for `steps` batches; each batch takes a fixed number of
-    samples from each pool (so the mixing ratio holds in every batch, not just on average)."""
+    samples from each pool (so the mixing ratio holds in every batch, not just on average). When a pool
+    has soft targets, a fourth tensor holds every sample's target: its soft one, or its label's one-hot."""
     cursors = [cycling_indices(len(pool.labels), generator) for pool, _ in pools]
+    width = next((pool.soft.shape[1] for pool, _ in pools if pool.soft is not None), None)
     for _ in range(steps):
-        images, labels, weights = [], [], []
+        images, labels, weights, targets = [], [], [], []
         for (pool, count), cursor in zip(pools, cursors):
             if count == 0:
                 continue
@@ -116,21 +120,27 @@ def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
             images.append(pool.images[idx])
             labels.append(pool.labels[idx])
             weights.append(torch.full((count,), float(pool.weight)))
-        yield torch.cat(images), torch.cat(labels), torch.cat(weights)
+            if width is not None:
+                targets.append(pool.soft[idx].float() if pool.soft is not None
+                               else F.one_hot(pool.labels[idx], width).float())
+        batch = (torch.cat(images), torch.cat(labels), torch.cat(weights))
+        yield batch if width is None else (*batch, torch.cat(targets))
 
 
-def fit(model: SmallCNN, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int,
+def fit(model: SmallCNN, batches: Iterator[tuple[torch.Tensor, ...]], steps: int,
         recipe: Recipe, generator: torch.Generator, device: torch.device,
         on_step: Callable[[int, float], None] | None = None) -> SmallCNN:
-    """Train `model` on `batches` (uint8 images, labels, loss weights) for `steps` optimizer steps."""
+    """Train `model` on `batches` (uint8 images, labels, loss weights[, soft targets]) for `steps` optimizer
+    steps: cross-entropy against the labels, or against the soft targets when a batch has them."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    for step, (images, labels, weights) in enumerate(batches):
+    for step, (images, labels, weights, *soft) in enumerate(batches):
         if step >= steps:
             break
         x = random_shift(model.normalize(images.to(device)), recipe.shift, generator)
-        loss_each = F.cross_entropy(model(x), labels.to(device), reduction="none")
+        target = soft[0] if soft else labels  # probabilities: the distillation loss (one-hot rows = plain CE)
+        loss_each = F.cross_entropy(model(x), target.to(device), reduction="none")
         weights = weights.to(device)
         loss = (loss_each * weights).sum() / weights.sum().clamp_min(1e-8)
         opt.zero_grad(set_to_none=True)

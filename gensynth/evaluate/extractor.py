@@ -62,8 +62,11 @@ class Extractor:
     folder: Path | None = None
 
     @property
-    def test_accuracy(self) -> float:
-        return float(self.config["test"]["accuracy"])
+    def test_accuracy(self) -> float | None:
+        """Accuracy on its real test set; None for one trained without a test set at hand (a teacher of a
+        K-shot set: resolve_extractor(require_test=False))."""
+        test = self.config.get("test")
+        return float(test["accuracy"]) if test else None
 
     @property
     def feature_dim(self) -> int:
@@ -129,10 +132,10 @@ def measure_accuracy(model: SmallCNN, test_url: str, resize: tuple[int, str] | N
     return right / max(total, 1), total
 
 
-def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: float = 2.0, seed: int = 0,
+def train_extractor(train_url: str, test_url: str | None, out: str | Path, epochs: float = 2.0, seed: int = 0,
                     num_workers: int = 1, resize: tuple[int, str] | None = None) -> Extractor:
     """Train the extractor on every sample of `train_url` for `epochs` epochs, measure its accuracy on
-    `test_url`, save it as an export in `out`."""
+    `test_url` (when given; else config "test" is None), save it as an export in `out`."""
     manifest = read_manifest(train_url)
     image = manifest.schema.get("image")
     labels = sorted(int(k) for k in manifest.class_histogram if int(k) >= 0)
@@ -157,9 +160,12 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
         generator = torch.Generator().manual_seed(seed)
         fit(model, _stream(loader, steps), steps, recipe, generator, torch.device("cpu"), on_step)
     seconds = time.monotonic() - started
-    acc, tested = measure_accuracy(model, test_url, resize)
-    log.info("feature extractor: %.2f%% test accuracy on %s (%d images), trained in %.0f s", 100 * acc, test_url,
-             tested, seconds)
+    test = accuracy_record(model, test_url, resize) if test_url else None
+    if test:
+        log.info("feature extractor: %.2f%% test accuracy on %s (%d images), trained in %.0f s",
+                 100 * test["accuracy"], test_url, test["samples"], seconds)
+    else:
+        log.info("feature extractor: trained in %.0f s; no test set, so no test accuracy", seconds)
     config = {
         "kind": KIND, "family": "classifier", "architecture": model.architecture,
         "classes": manifest.classes or [str(i) for i in range(num_classes)], "num_classes": num_classes,
@@ -167,8 +173,7 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
                   {k: image[k] for k in ("height", "width", "channels")}),
         "data": {"train": str(train_url), "manifest_sha256": manifest_sha256(train_url),
                  "samples": manifest.num_samples},
-        "test": {"url": str(test_url), "manifest_sha256": manifest_sha256(test_url), "samples": tested,
-                 "accuracy": acc},
+        "test": test,
         "protocol": {**recipe_for(epochs, seed, resize), "steps": steps, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1)},
         "trained_with": f"gensynth {__version__}",
@@ -177,25 +182,33 @@ def train_extractor(train_url: str, test_url: str, out: str | Path, epochs: floa
     return load_extractor(out)
 
 
+def accuracy_record(model: SmallCNN, test_url: str, resize: tuple[int, str] | None = None) -> dict[str, Any]:
+    """The `test` entry of an extractor's config: its accuracy on the real set `test_url`."""
+    acc, tested = measure_accuracy(model, test_url, resize)
+    return {"url": str(test_url), "manifest_sha256": manifest_sha256(test_url), "samples": tested, "accuracy": acc}
+
+
 def resolve_extractor(train_url: str, test_url: str | None = None, extractor: str = "", cache: str = "",
-                      epochs: float = 2.0, seed: int = 0, resize: tuple[int, str] | None = None) -> Extractor:
+                      epochs: float = 2.0, seed: int = 0, require_test: bool = True,
+                      resize: tuple[int, str] | None = None) -> Extractor:
     """The extractor to use: the export named by `extractor`, else the cached one for `train_url`'s
-    manifest sha256 and this protocol, trained now if there is none (with a message and progress)."""
+    manifest sha256 and this protocol, trained now if there is none (with a message and progress).
+    Without `require_test`, a missing test set leaves its accuracy unmeasured (None) instead of refusing."""
     if extractor:
         return load_extractor(extractor)
     test_url = test_url or sibling_test_set(train_url)
-    if not test_url:
+    if not test_url and require_test:
         raise UsageError(f"no real test set for the feature extractor's accuracy: {train_url} has no sibling "
                          "'test' shard set; name one (gensynth eval --real, or eval.real_test=URL in training)")
     protocol = recipe_for(epochs, seed, resize)
     folder = cache_root(cache) / "extractors" / manifest_sha256(train_url) / protocol_digest(protocol)
     if (folder / "config.json").is_file():
         found = load_extractor(folder)
-        if found.config["test"]["manifest_sha256"] != manifest_sha256(test_url):
-            acc, tested = measure_accuracy(found.model, test_url, resize)
-            found.config["test"] = {"url": str(test_url), "manifest_sha256": manifest_sha256(test_url),
-                                    "samples": tested, "accuracy": acc}
-        log.info("feature extractor: cached %s (%.2f%% test accuracy)", folder, 100 * found.test_accuracy)
+        if test_url and (found.config.get("test") or {}).get("manifest_sha256") != manifest_sha256(test_url):
+            found.config["test"] = accuracy_record(found.model, test_url, resize)
+        accuracy = found.test_accuracy
+        log.info("feature extractor: cached %s (%s test accuracy)", folder,
+                 "no" if accuracy is None else f"{100 * accuracy:.2f}%")
         return found
     tmp = folder.parent / f".{folder.name}{storage.TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

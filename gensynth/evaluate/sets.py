@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gensynth.data.codec import SOFT_LABEL_KEY
 from gensynth.data.manifest import Manifest, manifest_sha256
 from gensynth.data.shards import resolve_shards
 from gensynth.data.stream import ShardLoader
@@ -27,6 +28,7 @@ class ImageSet:
     manifest: Manifest | None = None
     manifest_sha256: str | None = None
     keys: list[str] = field(default_factory=list)
+    soft: torch.Tensor | None = None  # float32 [n, classes]: soft labels (generate --relabel), None without
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,7 +48,9 @@ class ImageSet:
     def select(self, index: torch.Tensor | np.ndarray | list[int]) -> ImageSet:
         index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
         keys = [self.keys[i] for i in index.tolist()] if self.keys else []
-        return ImageSet(self.url, self.images[index], self.labels[index], self.manifest, self.manifest_sha256, keys)
+        soft = None if self.soft is None else self.soft[index]
+        return ImageSet(self.url, self.images[index], self.labels[index], self.manifest, self.manifest_sha256, keys,
+                        soft)
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "samples": len(self), "manifest_sha256": self.manifest_sha256}
@@ -63,15 +67,18 @@ def load_image_set(url: str, num_workers: int = 1, desc: str | None = None,
     workers = num_workers if sum(s.samples for s in shards) > SMALL_SET else 0
     loader = ShardLoader(url, batch_size=500, mode="exact", seed=0, shuffle_buffer=0, num_workers=workers,
                          rank=0, world_size=1, decode_meta=False, resize=resize)
-    images, labels, keys = [], [], []
+    images, labels, keys, soft = [], [], [], []
     for batch in progress(loader, total=len(loader), desc=desc or f"read {url}", unit="batches"):
         images.append(batch["image"])
         labels.append(batch["label"])
         keys.extend(batch["key"])
+        if SOFT_LABEL_KEY in batch:
+            soft.append(batch[SOFT_LABEL_KEY])
     if not images:
         raise UsageError(f"{url}: the shard set holds no samples")
     sha = manifest_sha256(url) if loader.manifest is not None else None
-    return ImageSet(url, torch.cat(images), torch.cat(labels), loader.manifest, sha, keys)
+    return ImageSet(url, torch.cat(images), torch.cat(labels), loader.manifest, sha, keys,
+                    torch.cat(soft).float() if soft else None)
 
 
 def matching_subset(pool: torch.Tensor, histogram: dict[int, int], seed: int, what: str = "set") -> np.ndarray:

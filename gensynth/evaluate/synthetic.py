@@ -11,6 +11,8 @@ The protocol (every number in metrics.json and report.html comes with it):
 - Memorisation against the generator's own training set (its manifest provenance), else REAL_TRAIN.
 - CAS with the synthetic N samples vs N real training samples; augmentation gain when the generator
   was trained on a K-per-class set (or `k_set` names one): checked from provenance, refused otherwise.
+  A synthetic set with soft labels (generate --relabel) trains its samples against them in augmentation
+  gain (distillation); CAS keeps the hard labels, so it still measures the generator's labelled samples.
 """
 
 from __future__ import annotations
@@ -218,6 +220,10 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                              "rule": f"d_train < {cfg.copy_ratio:.3g} x median nearest-training distance of the {n} "
                                      "real test images of the reference", "reference": generator_train.url},
             "classifier": protocol.to_dict(),
+            "soft_labels": None if synth_all.soft is None else {
+                "used_by": "augmentation gain: each synthetic sample's loss is the cross-entropy against its soft "
+                           "label (soft.npy, the teacher's probabilities); real samples and CAS use hard labels",
+                "teacher": (prov.get("relabel") or {}).get("teacher")},
             "gensynth_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         },
         "extractor": {"test_accuracy": extractor.test_accuracy, "folder": str(extractor.folder)},
@@ -297,7 +303,8 @@ def summary_lines(metrics: dict[str, Any], report: str | None = None) -> list[st
     if "gain" in aug:
         lines.append(f"augmentation K={aug['k']}: real only {100 * aug['real_only']['mean']:.2f}%, real + synthetic "
                      f"{100 * aug['real_plus_synthetic']['mean']:.2f}%, gain {100 * aug['gain']['mean']:+.2f} "
-                     f"+- {100 * aug['gain']['std']:.2f} points ({len(aug['gain']['runs'])} seeds)")
+                     f"+- {100 * aug['gain']['std']:.2f} points ({len(aug['gain']['runs'])} seeds"
+                     + (", synthetic soft labels)" if aug.get("soft_labels") else ")"))
     else:
         lines.append(f"augmentation gain skipped: {aug.get('skipped')}")
     rec = metrics.get("reconstruction") or {}

@@ -119,16 +119,18 @@ def augmentation_gain(k_set: ImageSet, synthetic: ImageSet, real_test: ImageSet,
         seed = protocol.seed + i
         real_model = _train([(real_pool, batch)], num_classes, protocol, seed, f"{len(k_set)} real samples")
         real_acc.append(accuracy(real_model, real_test.images, real_test.labels))
-        images, labels = synthetic.images, synthetic.labels
+        images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft
         if protocol.synthetic_filter == "agree":
             _, logits = embed(real_model, images)
             agree = logits.argmax(1) == labels
             images, labels = images[agree], labels[agree]
+            soft = None if soft is None else soft[agree]
             if len(labels) == 0:
                 raise UsageError("synthetic_filter=agree kept no synthetic sample: the real-only classifier "
                                  "disagrees with every label; use eval.synthetic_filter=none")
         kept.append(len(labels))
-        pools = [(real_pool, n_real), (Pool(images, labels, protocol.synthetic_weight), n_syn)]
+        # soft labels (generate --relabel): synthetic samples train against the teacher's probabilities
+        pools = [(real_pool, n_real), (Pool(images, labels, protocol.synthetic_weight, soft), n_syn)]
         mixed = _train(pools, num_classes, protocol, seed, f"{len(k_set)} real + {len(labels)} synthetic samples")
         mixed_acc.append(accuracy(mixed, real_test.images, real_test.labels))
         log.info("augmentation seed %d: real only %.2f%%, real + synthetic %.2f%%", seed, 100 * real_acc[-1],
@@ -136,4 +138,5 @@ def augmentation_gain(k_set: ImageSet, synthetic: ImageSet, real_test: ImageSet,
     gains = [m - r for m, r in zip(mixed_acc, real_acc)]
     return {"k": per_class_count(k_set.labels), "real_samples": len(k_set), "synthetic_samples": len(synthetic),
             "synthetic_kept": kept, "k_set": k_set.describe(), "real_only": _stats(real_acc),
-            "real_plus_synthetic": _stats(mixed_acc), "gain": _stats(gains), "protocol": protocol.to_dict()}
+            "real_plus_synthetic": _stats(mixed_acc), "gain": _stats(gains), "protocol": protocol.to_dict(),
+            "soft_labels": synthetic.soft is not None}

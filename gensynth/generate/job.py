@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from gensynth import __version__, storage
+from gensynth.data.codec import SOFT_ARRAY
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.filter import load_filter
+from gensynth.evaluate.teacher import Teacher, load_teacher
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
 from gensynth.generate.options import GenerateOptions
@@ -62,11 +64,14 @@ class Result:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str) -> dict[str, Any]:
+def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str = "general",
+               teacher: Teacher | None = None) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
-    return {"kind": "generate", "family": sampler.family,
+    # only a relabelled set names its teacher: a set without soft labels keeps the manifest bytes it always had
+    relabel = {} if teacher is None else {"relabel": teacher.describe()}
+    return {**relabel, "kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
             "training_data": cfg.get("training_data") or [],  # every set the model saw
@@ -111,7 +116,8 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
             storage.remove(storage.join(out, name))
 
 
-def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general") -> Manifest:
+def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general",
+             teacher: Teacher | None = None) -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
@@ -136,7 +142,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
         raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
-                            provenance(sampler, job, source, dropped, purpose))
+                            provenance(sampler, job, source, dropped, purpose, teacher))
     write_manifest(out, manifest)
     return manifest
 
@@ -156,7 +162,8 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     of a process group with a single task). Returns what was done. `fields` are GenerateOptions fields by
     name, over `opts`. With `filter_threshold`, only samples that the classifier (`filter_classifier`, or
     the cached feature extractor of the model's training data) gives their label with at least that
-    probability are kept; the rest are redrawn and counted."""
+    probability are kept; the rest are redrawn and counted. With `relabel`, every sample also stores the
+    class probabilities of a teacher trained only on the generator's training set (evaluate/teacher.py)."""
     opts = dataclasses.replace(opts or GenerateOptions(), **fields)
     task, tasks, overwrite = opts.task, opts.tasks, opts.overwrite
     if not 0 <= task < tasks:
@@ -167,11 +174,14 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     keep = None
     if opts.filter_threshold is not None:
         keep = load_filter(opts.filter_classifier, sampler.config.get("data", {}).get("train"), opts.filter_threshold)
-    job = build_job(sampler, source, opts, keep)
+    if not opts.relabel and (opts.relabel_teacher or opts.relabel_test):
+        raise UsageError("--relabel-teacher and --relabel-test only apply with --relabel")
+    teacher = load_teacher(opts.relabel_teacher, sampler.config, opts.relabel_test) if opts.relabel else None
+    job = build_job(sampler, source, opts, keep, teacher)
     result = Result(out)
     warn_if_copying(sampler, source)
     if opts.finalize:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher)
         result.finalized_only = True
         return result
     if overwrite and tasks > 1:
@@ -206,13 +216,14 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                 result.skipped += 1
                 continue
             images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
+            soft = None if teacher is None else teacher.probabilities(torch.from_numpy(images).permute(0, 3, 1, 2))
             if pending is not None:
                 result.add(pending.result())
                 pending = None
             if overlap:
-                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, scores, dropped, out)
+                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, scores, dropped, out, soft)
             else:
-                result.add(write_shard(sampler, job, k, images, shard_labels, scores, dropped, out))
+                result.add(write_shard(sampler, job, k, images, shard_labels, scores, dropped, out, soft))
         if pending is not None:
             result.add(pending.result())
     result.seconds = time.perf_counter() - start
@@ -223,7 +234,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher)
     if group:
         torch.distributed.barrier()
     return result
@@ -260,4 +271,5 @@ def summary(result: Result) -> list[str]:
             f"  gensynth inspect {result.out} --verify",
             f"  webdataset.WebDataset('{pattern}').decode('pil')",
             f"  datasets.load_dataset('webdataset', data_files='{storage.join(result.out, '*.tar')}', split='train')",
-            f"  gensynth.data.ShardLoader('{result.out}', batch_size=128)"]
+            f"  gensynth.data.ShardLoader('{result.out}', batch_size=128)"
+            + ("  # soft labels: batch['soft_label']" if SOFT_ARRAY in m.schema.get("arrays", {}) else "")]

@@ -10,7 +10,7 @@ from gensynth.config import option
 
 @dataclass
 class GenerateOptions:
-    """How to generate: the plan, the family's sampling options, the filter and how this worker runs.
+    """How to generate: the plan, the family's sampling options, the filter, soft labels and how this worker runs.
     `gensynth generate` makes one --flag per field; `gensynth submit generate` all but task, tasks,
     finalize and overwrite (the array sets those); `generate(source, out, num=...)` takes them by name."""
 
@@ -33,6 +33,13 @@ class GenerateOptions:
         "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)
     filter_classifier: str = option("", "the classifier export for --filter (default: the cached feature "
                                     "extractor of the model's training data, trained on first use)")
+    relabel: bool = option(False, "store a teacher classifier's class probabilities with every sample (soft.npy, "
+                           "float32 [classes]) for training on soft labels; the teacher is trained only on the "
+                           "generator's own training set (cached, trained on first use)")
+    relabel_teacher: str = option("", "the teacher export for --relabel (default: the cached classifier of the "
+                                  "generator's training set); refused unless it was trained on exactly that set")
+    relabel_test: str = option("", "a real test set on which the --relabel teacher's accuracy is measured and "
+                               "recorded (default: the 'test' set beside its training set, if there is one)")
     task: int = option(0, "this task's index in a job array (e.g. $SLURM_ARRAY_TASK_ID)", min=0)
     tasks: int = option(1, "number of array tasks; with more than 1, no manifest is written: run --finalize "
                         "when all are done", min=1)

@@ -15,6 +15,7 @@ import torch
 from gensynth.data.plan import derive_seed
 from gensynth.errors import UsageError
 from gensynth.evaluate.filter import SampleFilter
+from gensynth.evaluate.teacher import Teacher
 from gensynth.export import CONFIG, export_folder
 from gensynth.families.sampling import Sampler
 from gensynth.generate.options import GenerateOptions
@@ -78,6 +79,7 @@ class Job:
     encoding: str
     options: dict[str, Any] = field(hash=False)
     filter: dict[str, Any] | None = field(default=None, hash=False)  # {"classifier_sha256", "threshold"}
+    relabel: dict[str, Any] | None = field(default=None, hash=False)  # {"teacher_tensors_sha256", "trained_on"}
 
     @property
     def num(self) -> int:
@@ -88,7 +90,10 @@ class Job:
         return -(-self.num // self.shard_size)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        described = asdict(self)
+        if described["relabel"] is None:  # a job without soft labels keeps the fingerprint it always had
+            del described["relabel"]
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
     def shard_range(self, k: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num)
@@ -106,7 +111,8 @@ def shard_generator(seed: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed("generate", seed, k) % (2**63))
 
 
-def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: SampleFilter | None = None) -> Job:
+def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: SampleFilter | None = None,
+              teacher: Teacher | None = None) -> Job:
     shard_size, encoding, seed = opts.shard_size, opts.encoding, opts.seed
     if shard_size < 1:
         raise UsageError(f"--shard-size {shard_size}: must be >= 1")
@@ -120,4 +126,4 @@ def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: Sample
     return Job(sampler.config["weights_sha256"], config_sha, seed, tuple(counts), shard_size, encoding,
                sampler.resolve_options({**sampler.purpose_options(opts.purpose),
                                         **{k: v for k, v in opts.sampling().items() if v is not None}}),
-               keep.describe if keep else None)
+               keep.describe if keep else None, teacher.identity if teacher else None)

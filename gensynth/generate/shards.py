@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gensynth import storage
+from gensynth.data.codec import SOFT_ARRAY
 from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import GensynthError
 from gensynth.evaluate.filter import SampleFilter
@@ -57,9 +58,11 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
 
 
 def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
-                scores: np.ndarray | None, dropped: np.ndarray, out: str) -> dict[str, Any]:
+                scores: np.ndarray | None, dropped: np.ndarray, out: str,
+                soft: np.ndarray | None = None) -> dict[str, Any]:
     """Encode shard k, publish it whole, then its receipt (which carries the shard's schema, for the
-    manifest); return the receipt."""
+    manifest); return the receipt. `soft`: the --relabel teacher's probabilities (float32 [n, classes]),
+    stored as each sample's soft.npy; without it the shard is what it always was."""
     lo, _ = job.shard_range(k)
     meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
                    "shard": k, "options": job.options}
@@ -70,7 +73,7 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
-            writer.add(job.key(lo + i), image, label, meta)
+            writer.add(job.key(lo + i), image, label, meta, None if soft is None else {SOFT_ARRAY: soft[i]})
         writer.end_shard()
     info = writer.shards[0]
     counts = np.bincount(labels, minlength=sampler.num_classes)
