@@ -132,6 +132,16 @@ def test_the_launchers_mixed_precision_is_named_when_the_config_overrides_it(toy
     assert agreed.returncode == 0 and "mixed precision" not in agreed.stderr
 
 
+def test_without_trackers_the_run_folder_still_gets_metrics_and_log(toy_data, tmp_path):
+    config = tiny_config(tmp_path, toy_data, train__steps=5, train__eval_every=0, train__log_with=[])
+    done = train_ok(config)
+    run = run_dir(config)
+    assert not (run / "tb").exists() and "Warning" not in done.stderr
+    assert [line["step"] for line in metrics_lines(run)] == [5]
+    assert "step 5/5" in (run / "train.log").read_text()
+    assert len(list((run / "samples").glob("samples-step-*.png"))) == 1
+
+
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_installed_ones():
     assert {"tensorboard", "mlflow"} <= set(installed_trackers())  # the test extras install mlflow-skinny
     with pytest.raises(ConfigError) as missing:

@@ -54,13 +54,14 @@ def check_trackers(names: list[str], installed: list[str] | None = None) -> list
     return list(dict.fromkeys(names))
 
 
-def accelerate_log_with(names: list[str], run: RunLayout) -> list[Any]:
+def accelerate_log_with(names: list[str], run: RunLayout) -> list[Any] | None:
     """Accelerator(log_with=...): TensorBoard as Accelerate's own tracker built here, so that it writes to the
-    run's tb/ (built by init_trackers it would write to <project_dir>/<project name>)."""
+    run's tb/ (built by init_trackers it would write to <project_dir>/<project name>). None for no tracker
+    (Accelerate warns that none is installed when given an empty list)."""
     from accelerate.tracking import TensorBoardTracker
 
     return [TensorBoardTracker(run.tb.name, str(run.tb.parent)) if name == "tensorboard" else name
-            for name in names]
+            for name in names] or None
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, str | int | float | bool]:
