@@ -101,6 +101,11 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA when present) | cpu | cuda", choices=("auto", "cpu", "cuda"))
     resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
     log_every: int = option(50, "steps between scalar logs", min=1)
+    log_with: list[str] = option(["tensorboard"], "trackers that get the logged scalars and the resolved config "
+                                 "(as hyperparameters), through Accelerate; several at once, [] = none: tensorboard "
+                                 "(runs/<name>/tb/, also the sample grids), mlflow (MLFLOW_TRACKING_URI, else "
+                                 "runs/<name>/mlruns/), wandb, aim, comet_ml when installed. metrics.jsonl and "
+                                 "train.log in the run folder are written either way")
     sample_every: int = option(500, "steps between sample grids (fixed noise, one row per class)", min=1)
     eval_every: int = option(500, "steps between in-training metrics (eval.metrics); 0 = off", min=0)
     checkpoint_every: int = option(500, "steps between checkpoints (one is always written at the end)", min=1)

@@ -231,6 +231,9 @@ def test_ranks_end_identical_having_seen_different_data(toy_data, tmp_path, mach
                             for r in range(machines)])
     for r in results:
         assert r.returncode == 0, r.stdout[-4000:]
+    assert results[0].stdout.count("2 processes, gloo, cpu") == 1, results[0].stdout[-4000:]  # the main process's
+    metrics = (run_dir(config) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [5, 10, 12]  # written once, by the main process
     last = latest_checkpoint(run_dir(config) / "checkpoints")
     r0, r1 = rank_state(last, 0), rank_state(last, 1)
     assert r0["params_digest"] == r1["params_digest"], "ranks hold different weights"

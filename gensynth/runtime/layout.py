@@ -1,9 +1,16 @@
 """Where a run keeps its files: runs/<name>/ as training, SLURM, `gensynth inspect` and the demo see it.
 
-    config.yaml         the resolved config            checkpoints/step-<8 digits>/   the training state
-    tb/                 TensorBoard events             samples/<tag>-step-<8 digits>.png   image grids
-    export/             the final generator            best/ + best.json   the best generator so far (eval.best_by)
-    slurm.json          the SLURM jobs' record         slurm/<job id>/     submitit's scripts and logs
+    config.yaml                  the resolved config (written once the run's checks passed)
+    train.log                    the main process's log lines, appended across resumes
+    metrics.jsonl                one JSON object per logged step: {"step": ..., <scalar tag>: <value>, ...}
+    checkpoints/step-<8 digits>/ the training state
+    tb/                          TensorBoard events (train.log_with); tb/<time>/: each start's hyperparameters
+    mlruns/                      MLflow's file store (train.log_with mlflow, MLFLOW_TRACKING_URI unset)
+    samples/<tag>-step-<8 digits>.png   image grids
+    export/                      the final generator
+    best/ + best.json            the best generator so far (eval.best_by)
+    slurm.json                   the SLURM jobs' record
+    slurm/<job id>/              submitit's scripts and logs
 """
 
 from __future__ import annotations
@@ -29,6 +36,18 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / "mlruns"
 
     @property
     def checkpoints(self) -> Path:

@@ -40,7 +40,7 @@ from gensynth.runtime.layout import RunLayout
 from gensynth.runtime.ranks import all_agree
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 from gensynth.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-from gensynth.train.tracking import Tracker
+from gensynth.train.tracking import RunLog, Tracker, accelerate_log_with, announce, check_trackers
 
 log = logging.getLogger("gensynth")
 
@@ -51,7 +51,8 @@ class TrainingDiverged(GensynthError):
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this config; `cpu=` is always explicit (otherwise, under a multi-process
-    launch on CPU, each process would silently train alone: docs/pitfalls.md)."""
+    launch on CPU, each process would silently train alone: docs/pitfalls.md); its trackers (train.log_with)
+    keep their files in the run folder."""
     t = cfg.train
     cuda = torch.cuda.is_available()
     if t.device == "cuda" and not cuda:
@@ -59,7 +60,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     cpu = t.device == "cpu" or not cuda
     if cpu and t.mixed_precision != "no":
         raise UsageError(f"train.mixed_precision={t.mixed_precision} needs CUDA; on CPU use train.mixed_precision=no")
-    return Accelerator(cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
+    run = RunLayout.of(cfg)
+    return Accelerator(cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                       log_with=accelerate_log_with(check_trackers(t.log_with), run), project_dir=str(run.root))
 
 
 def data_info(loader: ShardLoader, source: str) -> DataInfo:
@@ -122,16 +125,24 @@ class Run:
     """State of one training process; `run()` returns the exit code."""
 
     def __init__(self, cfg: Config):
+        self.log_file = RunLog()  # train.log gets these lines once every check passed (open_run)
+        try:
+            self.setup(cfg)
+        except BaseException:
+            self.log_file.close()
+            raise
+
+    def setup(self, cfg: Config) -> None:
+        """Everything that can refuse the run before it touches the run folder (the checkpoint's checks follow
+        in run())."""
         self.cfg = cfg
         check_metrics(cfg.eval.metrics)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.acc = build_accelerator(cfg)
+        announce(self.acc, cfg.train.mixed_precision)
         self.run_dir = RunLayout.of(cfg)
         self.ckpt_dir = self.run_dir.checkpoints
-        if self.acc.is_main_process:
-            self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            self.run_dir.config.write_text(dump_yaml(cfg))
         self.family = get_family(cfg.model.family)
         self.family.prepare(cfg, self.acc)  # e.g. the prior's code shards, extracted once by the main process
         self.loader = ShardLoader(cfg.data.train, batch_size=cfg.train.batch_size, mode=cfg.data.mode,
@@ -189,17 +200,19 @@ class Run:
 
     def run(self) -> int:
         cfg, acc = self.cfg, self.acc
-        resume = pick_checkpoint(cfg.train.resume, self.ckpt_dir)
-        if resume is not None:
-            self.restore(resume)
-            self.state["resumes"] += 1
-            log.info("resumed from %s (step %d, epoch %d)", resume, self.state["step"], self.loader.epoch)
-        tracker = Tracker(self.run_dir, acc.is_main_process, cfg.train.steps, self.state["step"])
-        sums: dict[str, float] = defaultdict(float)
-        counted = 0
-        timing = {"data": 0.0, "total": 0.0, "images": 0}
-        batches = endless(self.loader)
+        tracker: Tracker | None = None
+        together = False  # every rank leaves the loop at once (done, or a stop they agreed on)
         try:
+            resume = pick_checkpoint(cfg.train.resume, self.ckpt_dir)
+            if resume is not None:
+                self.restore(resume)
+                self.state["resumes"] += 1
+                log.info("resumed from %s (step %d, epoch %d)", resume, self.state["step"], self.loader.epoch)
+            tracker = self.open_run()
+            sums: dict[str, float] = defaultdict(float)
+            counted = 0
+            timing = {"data": 0.0, "total": 0.0, "images": 0}
+            batches = endless(self.loader)
             with StopRequest() as stop:
                 while self.state["step"] < cfg.train.steps:
                     t0 = time.perf_counter()
@@ -224,7 +237,6 @@ class Run:
                         for key, value in result.metrics.items():
                             sums[key] += float(value)
                         counted += 1
-                    tracker.advance()
                     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                         self.log_scalars(tracker, step, sums, counted, timing)
                         sums, counted = defaultdict(float), 0
@@ -233,20 +245,35 @@ class Run:
                         tracker.grid(step, self.trainer.grid_name, self.trainer.sample_grid())
                     if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                         self.evaluate(tracker, step)
+                    tracker.advance(step)
                     if stop_now:
                         self.state["stops"] += 1
                         path = self.save()
                         log.warning("stop requested (%s on some rank): saved %s on every rank; exiting with %d "
                                     "so the scheduler can requeue", stop.name if stop.requested else "signal",
                                     path, REQUEUE_EXIT_CODE)
+                        together = True
                         return REQUEUE_EXIT_CODE
                     if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                         self.save()
                         tracker.flush()
+            self.write_export()
+            together = True
+            return 0
         finally:
-            tracker.close()
-        self.write_export()
-        return 0
+            if tracker is not None:
+                tracker.close(together)
+            self.log_file.close()
+
+    def open_run(self) -> Tracker:
+        """Every check passed (the checkpoint's too): now the run folder gets config.yaml, train.log and the
+        trackers' files, so a refused run leaves a finished run's files as they were."""
+        main = self.acc.is_main_process
+        if main:
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            storage.write_bytes(str(self.run_dir.config), dump_yaml(self.cfg).encode())
+        self.log_file.open(self.run_dir.train_log if main else None)
+        return Tracker(self.acc, self.run_dir, self.cfg, self.state["step"])
 
     def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
         """Images as float [n, C, R, R] in [-1, 1]; arrays (codes) as int64 as they are."""
