@@ -4,13 +4,14 @@
 #               root, a real one-host SLURM cluster that it starts before and stops after the tests)
 #   make slurm-up / slurm-down   start / stop that dev cluster by hand (root; slurm/dev-cluster.sh)
 #   make bench  the benchmarks; tables to stdout, JSON to bench/results/
+#   make gpu-check  on a CUDA machine: every family in bf16 and fp16, resume, export, generation (bench/gpu.py)
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 FASHION := /usr/share/datasets/fashion-mnist
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup system demo test lint bench clean slurm-up slurm-down
+.PHONY: setup system demo test lint bench gpu-check clean slurm-up slurm-down
 
 # constraints.txt pins torch==2.13.0 (the CPU wheel on these machines) and the rest of the stack.
 $(STAMP): pyproject.toml constraints.txt
@@ -69,5 +70,12 @@ bench: setup
 	$(BIN)/python bench/generate.py --json bench/results/generate.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
 
+# Its own venv: torch from the package index (its CUDA build), not the CPU pin of constraints.txt.
+GPU_VENV ?= .venv-gpu
+gpu-check: system
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q -e ".[s3]"
+	$(GPU_VENV)/bin/python bench/gpu.py --json bench/results/gpu.json
+
 clean:
-	rm -rf $(VENV) data runs reports bench/results .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) data runs reports bench/results .pytest_cache

@@ -409,6 +409,8 @@ class Run:
         values["perf/data_wait_fraction"] = timing["data"] / total
         values["health/nonfinite_steps"] = self.state["nonfinite_steps"]
         values["health/corrupt_samples"] = self.loader.corrupt
+        if self.acc.device.type == "cuda":  # the most this process's tensors held so far (make gpu-check reads it)
+            values["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
         tracker.scalars(step, values)
 
     def export_data(self) -> dict[str, Any]:
