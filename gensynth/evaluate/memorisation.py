@@ -25,7 +25,8 @@ share a generator of perfectly fresh samples would get (reported next to it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +37,50 @@ def flatten_unit(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(len(images), -1).float().div_(255.0)
 
 
-def nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs."""
+# Reference images searched exactly; above, an inverted-file index (approximate). Exact search of 10^6
+# 784-d images takes about a minute per 1000 queries on one core (bench/scale.py), and an index's k-means
+# costs more than that below a few million, so the approximation pays only beyond this.
+EXACT_LIMIT = 2_000_000
+IVF_PROBES = 16  # lists an approximate search visits, of sqrt(n)
+
+
+def search_method(refs: int, exact_limit: int = EXACT_LIMIT) -> dict[str, Any]:
+    """How `nearest` searches `refs` reference images: exact (faiss IndexFlatL2) up to `exact_limit`, else
+    faiss IndexIVFFlat with sqrt(n) lists (k-means on 40 points a list, faiss's advice) and IVF_PROBES of
+    them probed: recorded in the results, since a neighbour may then be missed (a near-copy rarely is: it
+    falls in its source's list)."""
+    if refs <= exact_limit:
+        return {"library": "faiss", "index": "IndexFlatL2", "exact": True}
+    lists = max(1, int(refs ** 0.5))
+    return {"library": "faiss", "index": "IndexIVFFlat", "exact": False, "lists": lists,
+            "probes": min(IVF_PROBES, lists), "trained_on": min(refs, 40 * lists)}
+
+
+def nearest(queries: torch.Tensor, refs: torch.Tensor,
+            exact_limit: int = EXACT_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs. Searched
+    with faiss (search_method says how); exact results equal nearest_brute's."""
+    import faiss
+
+    q, r = flatten_unit(queries).numpy(), flatten_unit(refs).numpy()
+    dim = q.shape[1]
+    method = search_method(len(r), exact_limit)
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    if method["exact"]:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, method["lists"])
+        sample = np.random.default_rng(0).choice(len(r), method["trained_on"], replace=False)
+        index.train(r[np.sort(sample)])
+        index.nprobe = method["probes"]
+    index.add(r)
+    d2, at = index.search(q, 1)
+    dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0) / dim)).float()
+    return dist, torch.from_numpy(at[:, 0]).long()
+
+
+def nearest_brute(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest` by brute force in torch: the reference its results are checked against (tests, bench/scale.py)."""
     q, r = flatten_unit(queries), flatten_unit(refs)
     dim = q.shape[1]
     r_sq = (r * r).sum(1)
@@ -60,6 +103,7 @@ class MemorisationResult:
     real_d_train: np.ndarray  # per real test image: RMS distance to the nearest training image
     threshold: float  # copy_ratio x median(real_d_train)
     copy_ratio: float
+    search: dict[str, Any] = field(default_factory=dict)  # how the training set was searched (search_method)
 
     @property
     def near_copy(self) -> np.ndarray:
@@ -78,7 +122,7 @@ class MemorisationResult:
         """Indices of the synthetic samples nearest to a training image, closest first."""
         return np.argsort(self.d_train, kind="stable")[:count]
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         return {
             "near_copy_fraction": self.near_copy_fraction,
             "near_copies": int(self.near_copy.sum()),
@@ -90,6 +134,7 @@ class MemorisationResult:
             "median_real_d_train": float(np.median(self.real_d_train)),
             "min_d_train": float(self.d_train.min()),
             "share_closer_to_train_than_test": float((self.d_train < self.d_test).mean()),
+            "search": self.search,
         }
 
 
@@ -103,4 +148,4 @@ def memorisation(synthetic: torch.Tensor, train: torch.Tensor, test: torch.Tenso
     real_d_train, _ = nearest(test if real is None else real, train)
     threshold = copy_ratio * float(real_d_train.median())
     return MemorisationResult(d_train.numpy(), train_index.numpy(), d_test.numpy(), real_d_train.numpy(),
-                              threshold, copy_ratio)
+                              threshold, copy_ratio, search_method(len(train)))
