@@ -208,3 +208,13 @@ def test_batch_mixing_our_png_pillow_png_and_npy_keeps_every_pixel(tmp_path: Pat
         for i, image in enumerate(images):
             label, got = seen[f"m-{i:04d}"]
             assert label == i and torch.equal(got, torch.from_numpy(image.transpose(2, 0, 1).copy()))
+
+
+def test_encoding_on_every_core_gives_the_bytes_of_encoding_one_by_one():
+    from gensynth.data.codec import ENCODE_CHUNK, encode_image, encode_images
+
+    images = np.random.default_rng(3).integers(0, 256, (3 * ENCODE_CHUNK + 5, 9, 7, 3), dtype=np.uint8)
+    for encoding in ("png", "npy"):
+        one_by_one = [encode_image(image, encoding) for image in images]
+        assert encode_images(images, encoding, threads=2) == one_by_one
+        assert encode_images(images, encoding, threads=1) == one_by_one

@@ -95,7 +95,9 @@ class ShardSetWriter:
             self.abort(exc)
 
     def add(self, key: str, image: np.ndarray | None, label: int | None = None, meta: dict | None = None,
-            arrays: dict[str, np.ndarray] | None = None) -> None:
+            arrays: dict[str, np.ndarray] | None = None, encoded: bytes | None = None) -> None:
+        """One sample; `encoded`: the image already in the writer's encoding (codec.encode_images encodes
+        many on every core), else the writer encodes it."""
         fields: dict[str, bytes] = {}
         if image is not None or (self.image_shape is not None):
             if image is None:
@@ -109,7 +111,7 @@ class ShardSetWriter:
                 raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, "
                                  f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x"
                                  f"{self.image_shape[2]} (one size per shard set)")
-            fields[self.encoding] = encode_image(image, self.encoding)
+            fields[self.encoding] = encode_image(image, self.encoding) if encoded is None else encoded
         fields.update(self._array_fields(key, arrays or {}))
         if not fields:
             raise ValueError(f"sample {key}: needs an image or at least one array")

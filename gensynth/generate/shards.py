@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from gensynth import storage
-from gensynth.data.codec import SOFT_ARRAY
+from gensynth.data.codec import SOFT_ARRAY, encode_images
 from gensynth.data.writer import ShardSetWriter
 from gensynth.errors import GensynthError
 from gensynth.evaluate.filter import SampleFilter
@@ -66,6 +66,7 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     lo, _ = job.shard_range(k)
     meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
                    "shard": k, "options": job.options}
+    encoded = encode_images(images, job.encoding)  # every core; the bytes of encoding one by one
     with ShardSetWriter(out, SPLIT, shard_size=len(labels), encoding=job.encoding, first_index=k) as writer:
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             if i == len(labels) // 2:
@@ -73,7 +74,8 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
             meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
-            writer.add(job.key(lo + i), image, label, meta, None if soft is None else {SOFT_ARRAY: soft[i]})
+            writer.add(job.key(lo + i), image, label, meta, None if soft is None else {SOFT_ARRAY: soft[i]},
+                       encoded[i])
         writer.end_shard()
     info = writer.shards[0]
     counts = np.bincount(labels, minlength=sampler.num_classes)
