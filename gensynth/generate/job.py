@@ -116,14 +116,20 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
             storage.remove(storage.join(out, name))
 
 
+FINALIZE_THREADS = 16  # shards verified at once by --finalize (storage round trips, hashing releases the GIL)
+
+
 def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general",
              teacher: Teacher | None = None) -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
-    for k in progress(range(job.num_shards), total=job.num_shards, desc="verify", unit="shards"):
-        name = shard_name(SPLIT, k)
-        receipt = shard_is_done(out, name, job)
+    names = [shard_name(SPLIT, k) for k in range(job.num_shards)]
+    # on S3 each check is round trips (receipt, shard): a bounded pool keeps FINALIZE_THREADS in flight
+    with ThreadPoolExecutor(max_workers=FINALIZE_THREADS, thread_name_prefix="gensynth-verify") as pool:
+        receipts = pool.map(lambda name: shard_is_done(out, name, job), names)
+        checked = list(progress(zip(names, receipts), total=len(names), desc="verify", unit="shards"))
+    for name, receipt in checked:
         if receipt is None:
             missing.append(name)
             continue
