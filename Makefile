@@ -68,6 +68,8 @@ bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
 	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
 	$(BIN)/python bench/generate.py --json bench/results/generate.json
+	$(BIN)/python bench/generate.py --fast --json bench/results/generate_fast.json
+	$(BIN)/python bench/scale.py --json bench/results/scale.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
 
 # Its own venv: torch from the package index (its CUDA build), not the CPU pin of constraints.txt.
