@@ -84,12 +84,13 @@ def test_resume_mid_epoch_on_each_of_two_ranks(uneven_shards):
     assert len(union) == len(set(union)) == manifest.num_samples
 
 
-def test_resume_on_another_rank_count_is_refused(uneven_shards):
+def test_resume_on_another_rank_count_from_one_ranks_state_is_refused(uneven_shards):
+    """Another world size needs every saved rank's state (tests/test_elastic.py); one rank's is not enough."""
     folder, _ = uneven_shards
     loader = ShardLoader(folder, batch_size=4, rank=0, world_size=2)
     state = loader.state_dict()
     other = ShardLoader(folder, batch_size=4, rank=0, world_size=3)
-    with pytest.raises(UsageError, match="world_size"):
+    with pytest.raises(UsageError, match="world_size=2 -> 3 from one rank's state"):
         other.load_state_dict(state)
 
 

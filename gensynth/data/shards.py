@@ -66,33 +66,46 @@ class ShardReader:
         self.missing = 0
 
     def read(self, segments: list[Segment]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        for seg in segments:
-            shard = self.shards[seg.shard]
-            name = shard.name
-            pos = 0  # samples of this shard passed so far
-            extra = 0  # samples after the last one its manifest entry counts
-            problem = "it holds fewer samples than its manifest entry"
-            try:
-                with storage.open_read(shard.url) as f:
-                    samples = iter_samples(f)
-                    for key, fields in samples:
-                        if pos >= seg.start:
-                            yield name, key, fields
-                        pos += 1
-                        if pos >= seg.stop:
+        i = 0
+        while i < len(segments):  # consecutive segments further on in one shard: one pass over it
+            j = i + 1
+            while j < len(segments) and segments[j].shard == segments[i].shard and \
+                    segments[j].start >= segments[j - 1].stop:
+                j += 1
+            yield from self._read_shard(segments[i:j])
+            i = j
+
+    def _read_shard(self, segs: list[Segment]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        shard = self.shards[segs[0].shard]
+        name = shard.name
+        last = segs[-1]
+        pos = 0  # samples of this shard passed so far
+        k = 0  # the segment being read
+        extra = 0  # samples after the last one its manifest entry counts
+        problem = "it holds fewer samples than its manifest entry"
+        try:
+            with storage.open_read(shard.url) as f:
+                samples = iter_samples(f)
+                for key, fields in samples:
+                    if pos >= segs[k].start:
+                        yield name, key, fields
+                    pos += 1
+                    if pos >= segs[k].stop:
+                        k += 1
+                        if k == len(segs):
                             break
-                    if pos == seg.stop == shard.samples:  # this segment ends the shard: nothing may follow
-                        extra = sum(1 for _ in samples)  # read, not decoded; usually just the end marker
-            except (TruncatedShard, CorruptShard, OSError) as e:
-                problem = str(e)
-                if pos >= seg.stop:  # every planned sample was read: nothing lost, but say so
-                    log.warning("shard %s is damaged after its %d listed samples (%s)", shard.url, pos, problem)
-            lost = seg.stop - max(pos, seg.start)
-            if lost > 0:
-                log.warning("shard %s is damaged after %d samples (%s): %d planned samples skipped",
-                            shard.url, pos, problem, lost)
-                self.missing += lost
-            if extra:
-                log.warning("shard %s holds %d samples more than the %d its manifest entry lists: %d samples "
-                            "skipped (run `gensynth inspect SET --verify`)", shard.url, extra, shard.samples, extra)
-                self.missing += extra
+                if pos == last.stop == shard.samples:  # this segment ends the shard: nothing may follow
+                    extra = sum(1 for _ in samples)  # read, not decoded; usually just the end marker
+        except (TruncatedShard, CorruptShard, OSError) as e:
+            problem = str(e)
+            if pos >= last.stop:  # every planned sample was read: nothing lost, but say so
+                log.warning("shard %s is damaged after its %d listed samples (%s)", shard.url, pos, problem)
+        lost = sum(max(0, seg.stop - max(pos, seg.start)) for seg in segs)
+        if lost > 0:
+            log.warning("shard %s is damaged after %d samples (%s): %d planned samples skipped",
+                        shard.url, pos, problem, lost)
+            self.missing += lost
+        if extra:
+            log.warning("shard %s holds %d samples more than the %d its manifest entry lists: %d samples "
+                        "skipped (run `gensynth inspect SET --verify`)", shard.url, extra, shard.samples, extra)
+            self.missing += extra

@@ -31,7 +31,6 @@ the worker raises `CorruptDataError`.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
@@ -42,15 +41,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gensynth.data.codec import LabelSpec
 from gensynth.data.collate import BatchDecoder, pack_message, unpack_message
+from gensynth.data.elastic import check_group, decode_pool, encode_pool, remaining_pool, resampled_next_epoch
 from gensynth.data.plan import (
+    Pool,
     Segment,
-    derive_seed,
     exact_delivery_order,
     exact_rank_batches,
     exact_worker_plan,
+    pool_total,
     resampled_worker_range,
+    sample_rng,
     segments_for_range,
     shard_order,
+    shuffle_buffer,
 )
 from gensynth.data.shards import Shard, ShardReader, resolve_shards
 from gensynth.errors import GensynthError, UsageError
@@ -66,24 +69,6 @@ MAX_GROUP = 8  # ...but at most this many
 
 class CorruptDataError(GensynthError):
     """More corrupt samples than `max_corrupt_fraction` allows."""
-
-
-def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Fill a buffer of `size`, then emit a random element for each new one; drain shuffled at the end."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[Any] = []
-    uniform = rng.random  # int(random() * size), not randrange: a tenth of the cost, bias below 2**-40
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = int(uniform() * size)
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
 
 
 class ShardDataset(IterableDataset):
@@ -107,6 +92,7 @@ class ShardDataset(IterableDataset):
                                    image_field, transform)
         self.epoch = 0
         self.skip = [0] * workers  # batches each worker already delivered (resume)
+        self.pool: Pool | None = None  # the part of this epoch left to split (elastic resume); None: all of it
         self.group = 1  # batches per message from a worker (see __iter__); ShardLoader sets it
 
     # -- plumbing
@@ -124,15 +110,14 @@ class ShardDataset(IterableDataset):
 
     def _samples(self, reader: ShardReader, segments: list[Segment], epoch: int,
                  worker: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        rng = random.Random(derive_seed("samples", self.seed, epoch, self.rank, worker))
-        return shuffle_buffer(reader.read(segments), self.buffer, rng)
+        return shuffle_buffer(reader.read(segments), self.buffer, sample_rng(self.seed, epoch, self.rank, worker))
 
     # -- exact: one epoch, planned batch sizes, same batch count on every rank
 
     def _exact(self, worker: int) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
         plan = exact_worker_plan(self.counts, self.seed, self.epoch, self.world, self.rank, self.workers,
-                                 worker, self.batch_size)
-        _, rank_sizes = exact_rank_batches(sum(self.counts), self.world, self.batch_size, self.rank)
+                                 worker, self.batch_size, self.pool)
+        _, rank_sizes = exact_rank_batches(self.epoch_samples, self.world, self.batch_size, self.rank)
         position = {wb: i for i, wb in enumerate(exact_delivery_order(len(rank_sizes), self.workers))}
         reader = ShardReader(self.shards)
         stream = self._samples(reader, plan.segments, self.epoch, worker)
@@ -149,6 +134,11 @@ class ShardDataset(IterableDataset):
             corrupt_total = corrupt + reader.missing
             self._check_corrupt(corrupt_total, planned, worker)
             yield position[(worker, j)], worker, corrupt_total, batch
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples of this epoch still to split over the ranks (all of them, but after an elastic resume)."""
+        return sum(self.counts) if self.pool is None else pool_total(self.pool)
 
     # -- resampled: endless, full batches, epochs chained
 
@@ -284,14 +274,16 @@ class ShardLoader(IterableDataset):
         return sum(s.samples for s in self.shards)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (exact mode; the same on every rank)."""
+        """Batches of the current epoch on this rank (exact mode; the same on every rank; fewer in the rest of
+        an epoch resumed on another world size)."""
         if self.mode != "exact":
             raise TypeError("a resampled loader is endless and has no length")
-        return len(exact_rank_batches(self.num_samples, self.world_size, self.batch_size, self.rank)[1])
+        return len(exact_rank_batches(self.dataset.epoch_samples, self.world_size, self.batch_size, self.rank)[1])
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning at the next iteration."""
         self.dataset.epoch = epoch
+        self.dataset.pool = None
         self._delivered = [0] * len(self._delivered)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -332,17 +324,52 @@ class ShardLoader(IterableDataset):
                 "mode": self.mode, "seed": self.dataset.seed, "num_samples": self.num_samples}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position inside the epoch: enough to continue with no sample lost or repeated."""
+        """Position inside the epoch: enough to continue with no sample lost or repeated (every rank's, on
+        another world size or worker count)."""
         return {"epoch": self.dataset.epoch, "delivered": list(self._delivered), "corrupt": self.corrupt,
-                "rank": self.rank, **self._identity()}
+                "rank": self.rank, "pool": encode_pool(self.dataset.pool), "shuffle_buffer": self.dataset.buffer,
+                **self._identity()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in self._identity().items():
-            if state.get(key) != mine:
-                raise UsageError(f"cannot resume the data stream mid-epoch: it was saved with {key}={state.get(key)}, "
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue from a saved position: this rank's state, or the list of every saved rank's. With the same
+        world size, workers and batch size it continues bitwise; otherwise (all ranks' states needed) the
+        epoch's samples no rank delivered are split over this world (see gensynth/data/elastic.py)."""
+        states = state if isinstance(state, list) else [state]
+        fixed = {k: v for k, v in self._identity().items() if k not in ("world_size", "num_workers", "batch_size")}
+        for key, mine in fixed.items():
+            saved = states[0].get(key) if states and isinstance(states[0], dict) else None
+            if saved != mine:
+                raise UsageError(f"cannot resume the data stream mid-epoch: it was saved with {key}={saved}, "
                                  f"this loader has {key}={mine}; keep {key} unchanged to resume "
                                  "(or start the epoch afresh with set_epoch)")
+        same = {k: states[0].get(k) for k in ("world_size", "num_workers", "batch_size")} == \
+            {k: v for k, v in self._identity().items() if k in ("world_size", "num_workers", "batch_size")}
+        own = [s for s in states if s.get("rank") == self.rank]
+        if same and (own or not isinstance(state, list)):  # the same plan: continue bitwise
+            self._load_own(own[0] if own else states[0])
+            return
+        if not isinstance(state, list):
+            changed = ", ".join(f"{k}={states[0].get(k)} -> {v}" for k, v in self._identity().items()
+                                if states[0].get(k) != v)
+            raise UsageError(f"cannot resume the data stream with {changed} from one rank's state: pass every "
+                             "saved rank's state (a list) to load_state_dict")
+        check_group(states)
+        self._delivered = [0] * len(self._delivered)
+        self._corrupt_by_worker = [0] * len(self._delivered)
+        # the totals live on rank 0, so the sum over ranks still counts the whole run
+        self.corrupt = sum(s.get("corrupt", 0) for s in states) if self.rank == 0 else 0
+        if self.mode == "resampled":
+            self.dataset.epoch, self.dataset.pool = resampled_next_epoch(states), None
+            return
+        pool = remaining_pool(states, self.dataset.buffer)
+        if pool:
+            self.dataset.epoch, self.dataset.pool = states[0]["epoch"], pool
+        else:  # the saved epoch was delivered in full
+            self.dataset.epoch, self.dataset.pool = states[0]["epoch"] + 1, None
+
+    def _load_own(self, state: dict[str, Any]) -> None:
         self.dataset.epoch = state["epoch"]
+        self.dataset.pool = decode_pool(state.get("pool"), self.num_samples)
         self._delivered = list(state["delivered"])
         self.corrupt = state.get("corrupt", 0)
         self._corrupt_by_worker = [0] * len(self._delivered)

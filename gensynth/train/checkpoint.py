@@ -17,7 +17,9 @@ such folders of killed runs (their PID is dead on this host). A folder without `
 mid-write) is never resumed from.
 On resume every file is checked against `COMPLETE` and parsed as safetensors or JSON; anything else
 (a pickle, an edited file) is refused with one line naming the file. The checkpoint folder must be on
-storage every rank sees (a shared filesystem on a cluster).
+storage every rank sees (a shared filesystem on a cluster). Every rank reads all saved `rank<r>` parts:
+a run may resume on another number of processes (the models and optimizers are the same on every
+rank; the data loader splits the rest of the epoch over the new ranks, see own_rank_state).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
 from gensynth import storage
-from gensynth.errors import ConfigError, GensynthError, StorageError, UsageError
+from gensynth.errors import ConfigError, GensynthError, StorageError
 from gensynth.runtime.ranks import all_agree
 from gensynth.train.statedata import StateFormatError, decode, encode
 
@@ -296,10 +298,9 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path,
     trainer_state = _read_json(path / TRAINER_STATE)
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
         raise CheckpointError(f"{path / TRAINER_STATE}: expected an object with an integer 'step'; refused")
-    if trainer_state.get("world_size") != accelerator.num_processes:
-        raise UsageError(f"{path} was saved by {trainer_state.get('world_size')} processes, this run has "
-                         f"{accelerator.num_processes}: resume with the same number of processes "
-                         "(or start a new run)")
+    saved_world = trainer_state.get("world_size")
+    if not isinstance(saved_world, int) or saved_world < 1:
+        raise CheckpointError(f"{path / TRAINER_STATE}: expected an integer 'world_size'; refused")
     saved_config = _read_json(path / RUN_CONFIG) if RUN_CONFIG in files else {}
     models = [(f"model_{i}", accelerator.unwrap_model(m)) for i, m in enumerate(accelerator._models)]
     shared = _shared_parts(accelerator)  # names only: which parts this run expects
@@ -324,11 +325,35 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path,
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise _mismatch(path, f"{name} state ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                             saved_config, config) from None
-    rank_state = _read_part(path, f"rank{accelerator.process_index}", files)
+    rank_state = own_rank_state(path, files, saved_world, accelerator.process_index, accelerator.num_processes)
     try:
-        set_rng_state(rank_state.pop("rng"))
+        if rank_state["rng"] is not None:
+            set_rng_state(rank_state["rng"])
         accelerator.step = int(rank_state.pop("accelerate_step"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}/rank{accelerator.process_index}.json: no usable RNG state ({e}); "
                               "refused") from None
+    rank_state.pop("rng")
     return trainer_state, rank_state
+
+
+def own_rank_state(path: Path, files: dict[str, str], saved_world: int, rank: int, world: int) -> dict[str, Any]:
+    """This rank's state, with "loader" the list of every saved rank's loader state (the loader picks its own,
+    or re-splits the epoch's rest on another world size or worker count). On another world size: the RNG of
+    the saved rank of this index (None past the saved ranks: they keep the run's seeding), Accelerate's step
+    of rank 0, and a data digest that chains all saved ranks' digests; rank 0 carries the samples seen by all
+    saved ranks, so their sum over ranks still counts the whole run."""
+    states = [_read_part(path, f"rank{r}", files) for r in range(saved_world)]
+    if not all(isinstance(s, dict) and "loader" in s for s in states):
+        raise CheckpointError(f"{path}: a rank<r>.json without a loader state; refused")
+    loaders = [s["loader"] for s in states]
+    if saved_world == world:
+        return {**states[rank], "loader": loaders}
+    log.info("%s was saved by %d processes, this run has %d: the rest of its epoch is split over this run's "
+             "ranks", path, saved_world, world)
+    base = states[rank] if rank < saved_world else {**states[0], "rng": None}
+    digest = hashlib.sha256("\n".join(["world", str(saved_world)] + [str(s.get("data_digest")) for s in states])
+                            .encode()).hexdigest()
+    seen = sum(int(s.get("samples_seen", 0)) for s in states) if rank == 0 else 0
+    return {**base, "rank": rank, "loader": loaders, "data_digest": digest, "samples_seen": seen,
+            "accelerate_step": states[0].get("accelerate_step")}
