@@ -4,6 +4,7 @@
     for batch in loader:            # one epoch: batch["image"] uint8 [n,C,H,W], batch["label"] int64 [n]
         ...
     state = loader.state_dict()     # save with the checkpoint; load_state_dict() continues from there
+    loader.load_state_dict([state_rank0, state_rank1])  # every rank's: also on another world size (elastic.py)
 
 A shard set whose manifest lists arrays (`schema["arrays"]`, e.g. a VQ-VAE's `codes`) yields them
 as batch[name]: a tensor [n, *shape] of the schema's dtype, e.g. int16 [n, 8, 8]; a set of arrays
