@@ -151,31 +151,57 @@ def recorded(out: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(out.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
 
 
-@pytest.mark.multiprocess
-def test_training_stopped_on_two_ranks_resumes_on_one_with_every_sample_of_the_epoch_once(tmp_path):
-    data = tmp_path / "toy"
-    write_shard_set(data, [40, 33, 30])  # 103 samples: 13 steps of 4 per rank on 2 ranks
-    config = tiny_config(tmp_path, str(data), data__mode="exact", train__batch_size=4, train__steps=1000,
-                         train__checkpoint_every=1000, train__eval_every=0)
-    first, second = tmp_path / "rec-2", tmp_path / "rec-1"
+def train_recording(config: Path, out: Path, procs: int, stop_at: int, *overrides: str) -> tuple[int, str]:
+    """(exit code, output) of tests/scripts/train_recording.py on `procs` gloo ranks (1: a plain process)."""
+    args = [str(SCRIPT), str(out), str(stop_at), str(config), *overrides]
+    if procs == 1:
+        done = subprocess.run([sys.executable, *args], env=subprocess_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        return done.returncode, done.stderr
+    assert procs == 2
     head = [*ACCELERATE, "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"), "--main_process_port",
             str(free_port())]
-    stopped = run_launches([[*head, str(SCRIPT), str(first), "5", str(config)]])[0]
-    assert stopped.returncode != 0 and "stop requested" in stopped.stdout, stopped.stdout[-4000:]
-    saved = latest_checkpoint(run_dir(config) / "checkpoints")
-    assert saved.name == "step-00000005"
-    assert rank_state(saved, 1)["loader"]["world_size"] == 2 and rank_state(saved, 1)["loader"]["epoch"] == 0
+    done = run_launches([[*head, *args]])[0]
+    return done.returncode, done.stdout
 
-    # one process: the rest of epoch 0 (63 samples, 16 steps), then 4 steps of epoch 1
-    resumed = subprocess.run([sys.executable, str(SCRIPT), str(second), "0", str(config), "train.steps=25"],
-                             env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {saved}" in resumed.stderr and "saved by 2 processes, this run has 1" in resumed.stderr
-    before, after = recorded(first), recorded(second)
-    assert len(before) == 2 * 5 and len(after) == 20
-    epoch0 = [k for r in before + after if r["epoch"] == 0 for k in r["keys"]]
-    assert len(epoch0) == len(set(epoch0)) == 103
-    assert [r["epoch"] for r in after] == [0] * 16 + [1] * 4
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("before, stop_at, after, steps, epochs", [
+    (2, 5, 1, 25, [0] * 16 + [1] * 4),  # 2 ranks: 40 samples delivered; 1 rank: 64 left = 16 steps
+    (1, 7, 2, 20, [0] * 10 + [1] * 3),  # 1 rank: 28 delivered; 2 ranks: 76 left = 10 steps each
+], ids=["2-to-1", "1-to-2"])
+def test_training_stopped_by_a_signal_resumes_on_another_world_with_every_sample_of_the_epoch_once(
+        tmp_path, before, stop_at, after, steps, epochs):
+    data = tmp_path / "toy"
+    # 104 samples: every rank's batches have equal sizes here (the GAN's EMA decay counts n x ranks images a
+    # step, so a rank with a shorter batch would blend differently)
+    write_shard_set(data, [40, 33, 31])
+    config = tiny_config(tmp_path, str(data), data__mode="exact", train__batch_size=4, train__steps=1000,
+                         train__checkpoint_every=1000, train__eval_every=0)
+    first, second = tmp_path / "rec-before", tmp_path / "rec-after"
+    code, out = train_recording(config, first, before, stop_at)
+    assert code != 0 and "stop requested" in out, out[-4000:]
+    saved = latest_checkpoint(run_dir(config) / "checkpoints")
+    assert saved.name == f"step-{stop_at:08d}"
+    assert rank_state(saved)["loader"]["world_size"] == before and rank_state(saved)["loader"]["epoch"] == 0
+
+    code, out = train_recording(config, second, after, 0, f"train.steps={steps}")
+    assert code == 0, out[-4000:]
+    assert f"resumed from {saved}" in out and f"saved by {before} processes, this run has {after}" in out
+    old, new = recorded(first), recorded(second)
+    assert len(old) == before * stop_at and len(new) == after * (steps - stop_at)
+    epoch0 = [k for r in old + new if r["epoch"] == 0 for k in r["keys"]]
+    assert len(epoch0) == len(set(epoch0)) == 104
+    for rank in range(after):
+        mine = [r["epoch"] for f in sorted(second.glob(f"rank{rank}-*.jsonl")) for r in map(json.loads,
+                                                                                          f.read_text().splitlines())]
+        assert mine == epochs
+    epoch1 = [k for r in new if r["epoch"] == 1 for k in r["keys"]]
+    assert len(epoch1) == len(set(epoch1))
     final = latest_checkpoint(run_dir(config) / "checkpoints")
-    assert final.name == "step-00000025" and rank_state(final, 0)["loader"]["world_size"] == 1
-    assert rank_state(final, 0)["samples_seen"] == sum(len(r["keys"]) for r in before + after)
+    assert final.name == f"step-{steps:08d}"
+    ranks = [rank_state(final, r) for r in range(after)]
+    assert all(r["loader"]["world_size"] == after for r in ranks)
+    assert len({r["params_digest"] for r in ranks}) == 1, "ranks hold different weights"
+    # samples_seen: the saved ranks' total went to rank 0, so the sum over ranks counts the whole run
+    assert sum(r["samples_seen"] for r in ranks) == sum(len(r["keys"]) for r in old + new)
