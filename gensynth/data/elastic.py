@@ -13,6 +13,11 @@ which samples those batches held, so nothing about the samples themselves is sav
 - resampled mode: the slots are at slightly different points of their endless streams; the new
   world starts the first epoch no old slot had begun, with its fresh shard order.
 
+Cost: the replay walks each old slot's delivered samples once (positions only, no reading). The pool
+holds, per old slot, its tail plus up to shuffle_buffer single samples (those still in its buffer),
+and every rank's state carries it until the epoch ends: at R ranks x K workers that is up to
+R * K * shuffle_buffer ranges; an ordinary state stays a few counters.
+
 Samples a damaged shard lost shift that slot's stream, so after a damaged epoch the replay (and the
 pool) can be off by the lost samples.
 """
