@@ -160,10 +160,15 @@ class MixLoader:
         return {"sources": self.names, "counts": self.counts,
                 "loaders": [loader.state_dict() for loader in self.loaders]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("sources") != self.names or state.get("counts") != self.counts:
-            raise UsageError(f"cannot resume the mix: it was saved with sources {state.get('sources')} and per-batch "
-                             f"counts {state.get('counts')}, this loader has {self.names} and {self.counts}")
-        for loader, saved in zip(self.loaders, state["loaders"]):
-            loader.load_state_dict(saved)
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This rank's saved state, or the list of every saved rank's (needed on another world size or worker
+        count: see ShardLoader.load_state_dict)."""
+        for one in state if isinstance(state, list) else [state]:
+            if one.get("sources") != self.names or one.get("counts") != self.counts:
+                raise UsageError(f"cannot resume the mix: it was saved with sources {one.get('sources')} and "
+                                 f"per-batch counts {one.get('counts')}, this loader has {self.names} and "
+                                 f"{self.counts}")
+        for i, loader in enumerate(self.loaders):
+            loader.load_state_dict([one["loaders"][i] for one in state] if isinstance(state, list)
+                                   else state["loaders"][i])
         self._streams = [None] * len(self.loaders)
