@@ -108,7 +108,8 @@ def _classes(labels: Counter[int | str], class_names: list[str] | None, key: str
 
 
 def index_shards(source: str, label_key: str = "cls", image_key: str | None = None,
-                 class_names: list[str] | None = None, overwrite: bool = False) -> tuple[Manifest, str]:
+                 class_names: list[str] | None = None, overwrite: bool = False,
+                 license: str = "") -> tuple[Manifest, str]:
     """Write the manifest of the existing shards `source` (see the module docstring); return it and its URL."""
     urls = shard_urls(source)
     folder = storage.parent(urls[0])
@@ -164,7 +165,7 @@ def index_shards(source: str, label_key: str = "cls", image_key: str | None = No
     if survey.has_json:
         schema["json"] = "object"
     provenance = {"kind": "indexed", "source": source, "label_key": label_key, "unlabelled": survey.unlabelled,
-                  "gensynth_version": __version__}
+                  "gensynth_version": __version__, **({"license": license} if license else {})}
     split = re.sub(r"[-_]?\d+$", "", storage.basename(urls[0]).removesuffix(".tar")) or "train"
     manifest = Manifest(split=split, shards=shards, schema=schema,
                         class_histogram={str(k): v for k, v in sorted(histogram.items())}, classes=classes,

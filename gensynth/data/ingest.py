@@ -70,7 +70,7 @@ def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
 
 def ingest(source: Source, out: str, split: str = "train", shard_size: int = 5000, encoding: str = "png",
            seed: int | None = 0, overwrite: bool = False, per_class: int | None = None,
-           resize: tuple[int, str] | None = None) -> Manifest:
+           resize: tuple[int, str] | None = None, license: str = "") -> Manifest:
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
     The shards are written under hidden staged names beside the set and swapped in only once all are
@@ -114,6 +114,8 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
                       "shard_size": shard_size, "gensynth_version": __version__}
         if resize is not None:
             provenance["resize"] = {"size": resize[0], "mode": resize[1]}
+        if license:  # only when given: the manifest of a set made without one keeps its bytes
+            provenance["license"] = license
         if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
             provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
                                        "chosen_from": len(source)}
@@ -152,7 +154,7 @@ def swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
     staged = [staged_name(s.name, stage) for s in manifest.shards]
     try:
         write_manifest(folder, dataclasses.replace(
-            manifest, shards=[dataclasses.replace(s, name=n) for s, n in zip(manifest.shards, staged)]))
+            manifest, shards=[dataclasses.replace(s, name=n) for s, n in zip(manifest.shards, staged)]), card=False)
     except BaseException:
         for name in staged:
             storage.remove(storage.join(folder, name))
