@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from gensynth import storage
-from gensynth.data.manifest import MANIFEST_NAME, Manifest
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,14 @@ def read_card(folder: str) -> dict[str, Any] | None:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def publish(folder: str, manifest: Manifest) -> str:
+    """What every writer of a finished set calls: the manifest (atomically, last of the set's data), then the
+    card built from it. Returns the manifest's URL."""
+    url = write_manifest(folder, manifest)
+    write_card(folder, manifest)
+    return url
 
 
 def write_card(folder: str, manifest: Manifest, quality: dict[str, Any] | None = None) -> bool:

@@ -18,8 +18,9 @@ from collections import Counter
 from typing import Any
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, LabelSpec, image_header
-from gensynth.data.manifest import MANIFEST_NAME, HashingReader, Manifest, ShardInfo, manifest_url, write_manifest
+from gensynth.data.manifest import MANIFEST_NAME, HashingReader, Manifest, ShardInfo, manifest_url
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
 from gensynth.progress import progress
@@ -170,7 +171,7 @@ def index_shards(source: str, label_key: str = "cls", image_key: str | None = No
     manifest = Manifest(split=split, shards=shards, schema=schema,
                         class_histogram={str(k): v for k, v in sorted(histogram.items())}, classes=classes,
                         provenance=provenance)
-    url = write_manifest(folder, manifest)
+    url = publish(folder, manifest)
     sizes = ", ".join(f"{k} ({v})" for k, v in image.get("sizes", {f"{h}x{w}": total}).items())
     log.info("indexed %d samples in %d shards: %s images %s, %d channel(s); %d classes%s; %s", total, len(shards),
              field, sizes, c, len(histogram), f", {survey.unlabelled} unlabelled" if survey.unlabelled else "",

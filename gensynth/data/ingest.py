@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import DecodeError, as_hwc, check_label, resize_image
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, write_manifest
 from gensynth.data.sources import Source
@@ -154,7 +155,7 @@ def swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
     staged = [staged_name(s.name, stage) for s in manifest.shards]
     try:
         write_manifest(folder, dataclasses.replace(
-            manifest, shards=[dataclasses.replace(s, name=n) for s, n in zip(manifest.shards, staged)]), card=False)
+            manifest, shards=[dataclasses.replace(s, name=n) for s, n in zip(manifest.shards, staged)]))
     except BaseException:
         for name in staged:
             storage.remove(storage.join(folder, name))
@@ -164,7 +165,7 @@ def swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
             if i == len(staged) // 2:
                 crash_point("ingest.swap")  # half the old names hold new shards, the manifest lists staged ones
             storage.copy(storage.join(folder, name), storage.join(folder, shard.name))
-        write_manifest(folder, manifest)
+        publish(folder, manifest)
     except GensynthError as e:
         raise StorageError(f"{e}; the new set is complete in {folder} under temporary names (its "
                            f"{MANIFEST_NAME} lists them): run the same command with --overwrite to finish") from e

@@ -216,15 +216,10 @@ def manifest_sha256(location: str) -> str:
     return hashlib.sha256(storage.read_bytes(manifest_url(location))).hexdigest()
 
 
-def write_manifest(folder: str, manifest: Manifest, card: bool = True) -> str:
-    """Write the manifest (atomically), then the set's README.md dataset card from it (unless `card` is
-    False: a manifest that is about to be replaced)."""
+def write_manifest(folder: str, manifest: Manifest) -> str:
+    """Write the manifest alone (atomically); a finished set's writer calls card.publish, which adds its card."""
     url = storage.join(folder, MANIFEST_NAME)
     storage.write_bytes(url, manifest.to_json().encode("utf-8"))
-    if card:
-        from gensynth.data.card import write_card  # the card is built from this module's Manifest
-
-        write_card(folder, manifest)
     return url
 
 

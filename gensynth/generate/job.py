@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import SOFT_ARRAY
-from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.filter import load_filter
@@ -154,7 +155,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
                             provenance(sampler, job, source, dropped, purpose, teacher, license))
-    write_manifest(out, manifest)
+    publish(out, manifest)
     return manifest
 
 
