@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,15 +39,15 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
-def raw_samples(folder: str) -> dict[str, tuple[bytes, int]]:
-    """Every sample of a set as its shards hold it: key -> (image bytes, label)."""
+def raw_samples(folder: str) -> dict[str, tuple[bytes, int, dict]]:
+    """Every sample of a set as its shards hold it: key -> (image bytes, label, metadata)."""
     manifest = read_manifest(folder)
     field = manifest.schema["image"]["field"]
     out = {}
     for shard in manifest.shards:
         with open(Path(folder) / shard.name, "rb") as f:
             for key, fields in iter_samples(f):
-                out[key] = (fields[field], int(fields["cls"]))
+                out[key] = (fields[field], int(fields["cls"]), json.loads(fields["json"]))
     return out
 
 
@@ -63,11 +64,11 @@ def load_all(folder: str, split: str, tmp_path: Path) -> None:
         assert isinstance(ds.features[field], datasets.Image)
         seen = {}
         for sample in ds:
-            seen[sample["__key__"]] = (np.asarray(sample[field]), sample["cls"])
+            seen[sample["__key__"]] = (np.asarray(sample[field]), sample["cls"], sample["json"])
         assert seen.keys() == raw.keys()  # every sample, once
-        for key, (pixels, label) in seen.items():
-            data, raw_label = raw[key]
-            assert label == raw_label
+        for key, (pixels, label, meta) in seen.items():
+            data, raw_label, raw_meta = raw[key]
+            assert label == raw_label and meta == raw_meta
             assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data))))
 
 

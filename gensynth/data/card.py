@@ -3,11 +3,10 @@ it is. Built from the manifest alone (the source of truth) and written after it;
 
 The YAML header holds what `datasets` reads: `configs` (the split's tar files) and `dataset_info.features`,
 which its WebDataset builder takes instead of guessing from the first samples: `cls` is a ClassLabel with
-the set's class names, the image an Image, each array a fixed-shape list or ArrayND. The per-sample `json`
-metadata is left out of the features: its keys differ between writers (and a generated sample's options
-are nested), and a declared struct that missed one key would make every load fail; `datasets` then drops
-that field, the manifest and `gensynth` readers keep it. Under `gensynth:` it adds the manifest's sha256,
-provenance and, for a generated set once `gensynth eval` has run, its quality figures.
+the set's class names, the image an Image, each array a fixed-shape list or ArrayND, the per-sample `json`
+a Json (any object: a declared struct that missed one key would make every load fail). Under `gensynth:`
+it adds the manifest's sha256, provenance and, for a generated set once `gensynth eval` has run, its
+quality figures.
 """
 
 from __future__ import annotations
@@ -62,6 +61,9 @@ def features(manifest: Manifest) -> list[dict[str, Any]]:
     if manifest.num_classes is not None and not foreign_label:
         names = class_names(manifest)
         feats.append({"name": "cls", "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}}})
+    if "json" in manifest.schema:
+        # Json, not a struct: the keys differ between writers and a generated sample's options are nested
+        feats.append({"name": "json", "dtype": "json"})
     return feats
 
 
