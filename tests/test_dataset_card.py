@@ -158,7 +158,8 @@ def test_eval_puts_its_figures_into_the_generated_sets_card(generated, tiny_gan,
     write_shard_set(test, [60], split="test")
     before = {p.name: p.read_bytes() for p in Path(generated).glob("*.tar")}
     cfg = tiny_eval_config(tmp_path / "cache", num=30, kid_subset=10, kid_subsets=2, classifier_steps=5, seeds=1)
-    metrics = evaluate_synthetic(generated, str(test), cfg=cfg)
+    # the generator saw only this set, so it is a fair K set for the augmentation gain
+    metrics = evaluate_synthetic(generated, str(test), cfg=cfg, k_set=str(tiny_gan.parent / "toy"))
     quality = read_card(generated)["gensynth"]["quality"]
     assert quality["fid"] == pytest.approx(metrics["fidelity"]["fid"], abs=1e-3)
     assert quality["recall"] == pytest.approx(metrics["fidelity"]["recall"], abs=1e-4)
@@ -166,7 +167,8 @@ def test_eval_puts_its_figures_into_the_generated_sets_card(generated, tiny_gan,
     cas = metrics["usefulness"]["cas"]
     assert quality["cas"] == pytest.approx(cas["cas"], abs=1e-4)
     assert quality["manifest_sha256"] == header(generated)["gensynth"]["manifest_sha256"]
-    assert "augmentation_gain" not in quality  # not measured: no K-per-class set
+    gain = metrics["usefulness"]["augmentation"]["gain"]
+    assert quality["augmentation_gain"] == pytest.approx(gain["mean"], abs=1e-4)
     assert {p.name: p.read_bytes() for p in Path(generated).glob("*.tar")} == before  # shards untouched
     assert "Quality (`gensynth eval`)" in (Path(generated) / CARD_NAME).read_text()
     load_all(generated, "synth", tmp_path)  # the card still loads
@@ -178,3 +180,12 @@ def test_shard_cli_takes_a_license(tmp_path, capsys):
     assert main(["shard", f"shards:{src}", str(tmp_path / "out"), "--license", "mit"]) == 0
     assert header(str(tmp_path / "out" / "train"))["license"] == "mit"
     assert os.path.exists(tmp_path / "out" / "train" / CARD_NAME)
+
+
+def test_a_split_name_datasets_refuses_is_made_one_it_takes(tmp_path):
+    src = tmp_path / "src"
+    write_shard_set(src, [6], classes=3)
+    ingest(open_source(f"shards:{src}"), str(tmp_path / "out"), split="val-1")
+    folder = str(tmp_path / "out" / "val-1")
+    assert header(folder)["configs"][0]["data_files"] == [{"split": "val_1", "path": "val-1-*.tar"}]
+    load_all(folder, "val_1", tmp_path)

@@ -32,8 +32,9 @@ _ND = {2: "array2_d", 3: "array3_d", 4: "array4_d", 5: "array5_d"}
 
 
 def hf_split(split: str) -> str:
-    """The split name `datasets` shows: the manifest's, where it is one datasets accepts (a word)."""
-    return split if re.fullmatch(r"\w+", split) else "train"
+    """The split name `datasets` shows: the manifest's, with any character datasets refuses (it takes
+    word characters) made `_`: `val-1` -> `val_1`."""
+    return re.sub(r"\W", "_", split) or "train"
 
 
 def class_names(manifest: Manifest) -> list[str]:

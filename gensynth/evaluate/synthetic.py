@@ -257,8 +257,10 @@ def quality_figures(metrics: dict[str, Any]) -> dict[str, Any]:
         figures |= {"cas": _num(cas["cas"], 4), "cas_real_accuracy": _num(cas["real_accuracy"], 4),
                     "cas_ratio": _num(cas["ratio"], 4)}
     if "gain" in aug:
-        figures |= {"augmentation_k": int(aug["k"]), "augmentation_gain": _num(aug["gain"]["mean"], 4),
+        figures |= {"augmentation_gain": _num(aug["gain"]["mean"], 4),
                     "augmentation_gain_std": _num(aug["gain"]["std"], 4)}
+        if aug.get("k") is not None:  # the K of a K-per-class set; none when --k-set is a set of its own
+            figures["augmentation_k"] = int(aug["k"])
     return figures | {"evaluated_samples": metrics["protocol"]["evaluated_samples"],
                       "manifest_sha256": metrics["synthetic"]["manifest_sha256"], "gensynth_version": __version__}
 
