@@ -88,8 +88,10 @@ def test_an_ingested_set_loads_with_datasets_and_its_card_names_the_split_files(
     assert card["configs"] == [{"config_name": "default",
                                 "data_files": [{"split": "train", "path": "train-*.tar"}]}]
     assert card["license"] == "cc-by-4.0" and manifest.provenance["license"] == "cc-by-4.0"
-    names = card["dataset_info"]["features"][-1]
-    assert names == {"name": "cls", "dtype": {"class_label": {"names": {"0": "c0", "1": "c1", "2": "c2", "3": "c3"}}}}
+    feats = {f["name"]: f for f in card["dataset_info"]["features"]}
+    assert feats["json"] == {"name": "json", "dtype": "json"}
+    assert feats["cls"] == {"name": "cls",
+                            "dtype": {"class_label": {"names": {"0": "c0", "1": "c1", "2": "c2", "3": "c3"}}}}
     manifest_bytes = (out / "train" / MANIFEST_NAME).read_bytes()
     assert card["gensynth"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert card["gensynth"]["provenance"]["kind"] == "ingest"
