@@ -209,7 +209,7 @@ class ShardSetWriter:
         return set_manifest(self.split, self.shards, self.schema(), self.histogram, classes, provenance)
 
     def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
-        """Close the last shard and write the manifest (atomically, last)."""
+        """Close the last shard and write the manifest (atomically, last of the data), then the dataset card."""
         manifest = self.manifest(classes, provenance)
         publish(self.folder, manifest)
         return manifest
