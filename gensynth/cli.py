@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the order records are written in")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete shard set")
+    p.add_argument("--license", default="", help="the set's license for its manifest and README.md dataset card "
+                   "(default there: unknown)")
     p.add_argument("--per-class", type=int, metavar="K", help="write only K records of every class, chosen at "
                    "random with --seed (a few-shot set: shards:data/fashion/train data/fashion-k10 --per-class 10)")
     p.add_argument("--class-names", type=_csv, help="comma-separated label names, index = label")
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", type=_csv, help="comma-separated class names, index = label (text labels are "
                    "looked up here; default: their sorted names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json")
+    p.add_argument("--license", default="", help="the set's license for its manifest and README.md dataset card "
+                   "(default there: unknown)")
 
     p = sub.add_parser("train", help="train a model family from a YAML config (resumes automatically)",
                        description="Train from CONFIG with section.key=value overrides; also runs under "
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or --mix)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     p.add_argument("--overwrite", action="store_true", help="replace a set already in OUT")
+    p.add_argument("--license", default="", help="the set's license for its manifest and README.md dataset card "
+                   "(default there: unknown)")
 
     p = sub.add_parser("inspect", help="describe a shard set, shard, config or run directory; --verify re-hashes "
                        "every shard")
@@ -213,12 +219,13 @@ def run(args: argparse.Namespace) -> int:
                              image_key=args.image_key, label_key=args.label_key)
         ingest(source, args.out, split=args.split, shard_size=args.shard_size, encoding=args.encoding,
                seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite, per_class=args.per_class,
-               resize=(args.image_size, args.resize) if args.resize else None)
+               resize=(args.image_size, args.resize) if args.resize else None, license=args.license)
         return 0
     if args.command == "index":
         from gensynth.data.index import index_shards
 
-        m, url = index_shards(args.shards, args.label_key, args.image_key, args.class_names, args.overwrite)
+        m, url = index_shards(args.shards, args.label_key, args.image_key, args.class_names, args.overwrite,
+                              license=args.license)
         print(f"indexed {m.num_samples} samples in {len(m.shards)} shards, {len(m.class_histogram)} classes: {url}")
         return 0
     if args.command == "train":
@@ -300,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
                                                                                 if v is not None}
         fraction, weight = chosen["synthetic_fraction"], chosen["synthetic_weight"]
         m = augment(args.real, args.synthetic, args.out, float(fraction), float(weight), args.shard_size,
-                    args.overwrite, mix_source=args.mix)
+                    args.overwrite, mix_source=args.mix, license=args.license)
         print(f"augmented set: {m.provenance['real']['samples']} real + {m.provenance['synthetic']['samples']} "
               f"synthetic samples in {len(m.shards)} shards, {args.out}")
         return 0

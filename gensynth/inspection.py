@@ -183,7 +183,8 @@ def inspect(url: str, verify: bool = False, overrides: list[str] | tuple[str, ..
     if not storage.is_remote(url) and RunLayout(url).config.is_file() and not storage.exists(manifest_url(url)):
         return describe_run(Path(url), verify)
     if not storage.exists(manifest_url(url)):
-        receipts = [n for n in storage.listdir(storage.join(url, "receipts")) if n.endswith(".json")]
+        receipts = {n for f in (".receipts", "receipts") for n in storage.listdir(storage.join(url, f))
+                    if n.endswith(".json")}  # generation's receipts, and where runs before the move kept them
         if receipts:
             return [f"unfinished generation at {url}: {len(receipts)} shards done, no {MANIFEST_NAME} yet; rerun "
                     "the same `gensynth generate` command (or --finalize once every array task is done)"], False

@@ -186,7 +186,7 @@ def test_other_settings_in_the_same_out_are_refused_unless_overwrite(tiny_gan, t
     manifest = read_manifest(out)
     assert manifest.num_samples == 30 and manifest.provenance["seed"] == 9
     assert sorted(p.name for p in Path(out).glob("*.tar")) == [f"synth-00000{i}.tar" for i in range(3)]
-    assert len(list((Path(out) / "receipts").iterdir())) == 3
+    assert len(list((Path(out) / ".receipts").iterdir())) == 3
 
 
 def test_sampling_options_of_another_family_are_refused(tiny_gan, tmp_path, capsys):
@@ -267,7 +267,7 @@ def test_kill9_mid_run_then_rerun_equals_an_uninterrupted_run(medium_gan, tmp_pa
         proc = subprocess.Popen([sys.executable, "-m", "gensynth", "-q", "generate", str(medium_gan), str(out), *args],
                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + TIMEOUT_S
-        while len(list(out.glob("receipts/*.json"))) < 3:
+        while len(list(out.glob(".receipts/*.json"))) < 3:
             assert proc.poll() is None, "the run finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -294,7 +294,7 @@ def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan
     proc = subprocess.Popen([sys.executable, "-m", "gensynth", "generate", str(medium_gan), str(out), *args],
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT_S
-    while len(list(out.glob("receipts/*.json"))) < 2:
+    while len(list(out.glob(".receipts/*.json"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -302,7 +302,7 @@ def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan
     assert proc.returncode == 75, err[-3000:]
     assert "stopped by SIGTERM after" in err and "rerun the same command" in err and "Traceback" not in err
     shards = sorted(out.glob("synth-*.tar"))
-    assert len(shards) == len(list(out.glob("receipts/*.json"))) < 30  # every published shard has its receipt
+    assert len(shards) == len(list(out.glob(".receipts/*.json"))) < 30  # every published shard has its receipt
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not (out / "manifest.json").exists()
     rerun = gensynth("-q", "generate", str(medium_gan), str(out), *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -91,7 +91,7 @@ def test_endpoint_gone_mid_run_then_back_completes_the_same_set(s3: S3, medium_g
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while len([k for k in s3.keys(prefix + "receipts/")]) < 2:
+        while len([k for k in s3.keys(prefix + ".receipts/")]) < 2:
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.05)

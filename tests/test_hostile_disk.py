@@ -95,7 +95,7 @@ def test_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_files(com
         assert verify_shards(str(out / "train"), read_manifest(str(out / "train"))) == []
     else:  # every shard published before the disk filled up has its receipt: a rerun resumes from there
         shards = sorted(p.stem for p in out.glob("synth-*.tar"))
-        assert shards and shards == sorted(p.stem for p in (out / "receipts").glob("*.json"))
+        assert shards and shards == sorted(p.stem for p in (out / ".receipts").glob("*.json"))
         assert not (out / "manifest.json").exists()
 
 
@@ -122,7 +122,7 @@ def test_rerun_of_a_killed_shard_removes_its_staged_shards_and_nothing_live(tmp_
     assert temporary_files(folder) == sorted([f"{live.name}", f"{elsewhere.name}"])
     manifest = read_manifest(str(folder))
     assert manifest.num_samples == 90 and verify_shards(str(folder), manifest) == []
-    assert sorted(digests(folder)) == sorted([s.name for s in manifest.shards] + ["manifest.json"]
+    assert sorted(digests(folder)) == sorted([s.name for s in manifest.shards] + ["manifest.json", "README.md"]
                                              + [live.name, elsewhere.name])
 
 

@@ -337,8 +337,8 @@ def test_same_input_same_bytes_other_seed_other_order(idx_pair, tmp_path):
         assert main(["-q", "shard", spec, str(tmp_path / out), "--seed", seed, "--shard-size", "4"]) == 0
     a, b, c = (digests(tmp_path / x) for x in "abc")
     assert a == b, "same input, same seed: byte-identical shards and manifest"
-    assert set(a) == set(c) == {"train/manifest.json", "train/train-000000.tar", "train/train-000001.tar",
-                                "train/train-000002.tar"}
+    assert set(a) == set(c) == {"train/README.md", "train/manifest.json", "train/train-000000.tar",
+                                "train/train-000001.tar", "train/train-000002.tar"}
     assert a["train/train-000000.tar"] != c["train/train-000000.tar"]
 
     def order(x: str) -> list[int]:
@@ -359,15 +359,15 @@ def test_existing_set_needs_overwrite_which_removes_stale_shards(idx_pair, tmp_p
     images_path, labels_path, images, labels = idx_pair
     spec, out = f"idx:{images_path},{labels_path}", tmp_path / "out"
     assert shard([spec, str(out), "--shard-size", "2"], capsys)[0] == 0
-    assert len(files_under(out)) == 5 + 1
+    assert len(files_under(out)) == 5 + 2  # the shards, the manifest and the card
     before = digests(out)
     code, err = shard([spec, str(out), "--shard-size", "4"], capsys)
     assert (code, err) == (2, [f"gensynth shard: error: {out / 'train'} already holds a complete shard set "
                                "(manifest.json); pass --overwrite to replace it, or choose another OUT"])
     assert digests(out) == before
     assert shard([spec, str(out), "--shard-size", "4", "--overwrite"], capsys)[0] == 0
-    assert files_under(out) == ["train/manifest.json", "train/train-000000.tar", "train/train-000001.tar",
-                                "train/train-000002.tar"], "the two stale shards are gone"
+    assert files_under(out) == ["train/README.md", "train/manifest.json", "train/train-000000.tar",
+                                "train/train-000001.tar", "train/train-000002.tar"], "the two stale shards are gone"
     assert [p.name for p in (out / "train").iterdir() if p.name.startswith(".")] == []
     assert [s.samples for s in read_manifest(str(out / "train")).shards] == [4, 4, 2]
     assert_reads_as(out / "train", images, labels)

@@ -57,7 +57,8 @@ def index_of(key: str) -> int:
 
 
 def test_cli_shard_to_s3_writes_shards_and_manifest_that_verify(s3: S3, s3_set: str, npz, capsys):
-    assert s3.keys("prefix/") == sorted([f"prefix/train/{n}" for n in SHARD_NAMES] + ["prefix/train/manifest.json"])
+    assert s3.keys("prefix/") == sorted([f"prefix/train/{n}" for n in SHARD_NAMES]
+                                       + ["prefix/train/README.md", "prefix/train/manifest.json"])
     manifest = json.loads(s3.get("prefix/train/manifest.json"))
     assert [s["name"] for s in manifest["shards"]] == SHARD_NAMES
     assert [s["samples"] for s in manifest["shards"]] == SHARD_COUNTS
@@ -110,16 +111,16 @@ def test_inspect_one_s3_shard(s3_set: str, capsys):
 def test_reingest_on_s3_needs_overwrite_and_removes_stale_shards(s3: S3, npz, capsys):
     out = f"s3://{BUCKET}/again"
     assert main(["-q", "shard", f"npz:{npz[0]}", out, "--shard-size", str(SHARD_SIZE)]) == 0
-    assert len(s3.keys("again/train/")) == len(SHARD_NAMES) + 1
+    assert len(s3.keys("again/train/")) == len(SHARD_NAMES) + 2
     capsys.readouterr()
     assert main(["-q", "shard", f"npz:{npz[0]}", out, "--shard-size", "32"]) == 2
     err = capsys.readouterr().err
     assert f"{out}/train already holds a complete shard set" in err and "--overwrite" in err
-    assert len(s3.keys("again/train/")) == len(SHARD_NAMES) + 1  # untouched
+    assert len(s3.keys("again/train/")) == len(SHARD_NAMES) + 2  # untouched
 
     assert main(["-q", "shard", f"npz:{npz[0]}", out, "--shard-size", "32", "--overwrite"]) == 0
-    assert s3.keys("again/train/") == ["again/train/manifest.json", "again/train/train-000000.tar",
-                                       "again/train/train-000001.tar"]
+    assert s3.keys("again/train/") == ["again/train/README.md", "again/train/manifest.json",
+                                       "again/train/train-000000.tar", "again/train/train-000001.tar"]
     assert [s.samples for s in read_manifest(f"{out}/train").shards] == [32, 28]
 
 
@@ -270,7 +271,7 @@ def test_atomic_write_to_s3_publishes_whole_or_nothing(s3: S3):
 
 
 def test_listdir_exists_remove_on_s3(s3: S3, s3_set: str):
-    expected = ["manifest.json", *SHARD_NAMES]
+    expected = ["README.md", "manifest.json", *SHARD_NAMES]
     assert storage.listdir(s3_set) == expected
     assert storage.listdir(s3_set + "/") == expected
     assert storage.listdir(f"s3://{BUCKET}/prefix") == ["train"]

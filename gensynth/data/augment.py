@@ -117,7 +117,8 @@ def interleave(real: int, synthetic: int) -> Iterator[bool]:
 
 
 def augment(real: str, synthetic: str, out: str, synthetic_fraction: float = 0.5, synthetic_weight: float = 1.0,
-            shard_size: int = 5000, overwrite: bool = False, mix_source: str | None = None) -> Manifest:
+            shard_size: int = 5000, overwrite: bool = False, mix_source: str | None = None,
+            license: str = "") -> Manifest:
     """Write the augmented set OUT from REAL and SYNTH; see the module docstring."""
     if not 0 < synthetic_fraction < 1:
         raise UsageError(f"synthetic fraction {synthetic_fraction}: must be strictly between 0 and 1")
@@ -169,7 +170,8 @@ def augment(real: str, synthetic: str, out: str, synthetic_fraction: float = 0.5
                                     "training_data": synth_m.provenance.get("training_data")},
                       "mix": {"synthetic_fraction": synthetic_fraction, "synthetic_weight": synthetic_weight,
                               "share": n_syn / (n_real + n_syn), "from": mix_source},
-                      "shard_size": shard_size, "gensynth_version": __version__}
+                      "shard_size": shard_size, "gensynth_version": __version__,
+                      **({"license": license} if license else {})}
         manifest = writer.manifest(classes=real_m.classes or synth_m.classes, provenance=provenance)
     swap_in(out, SPLIT, manifest, stage)
     log.info("wrote %d real + %d synthetic samples in %d shards and %s", n_real, n_syn, len(manifest.shards),

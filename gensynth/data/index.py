@@ -18,8 +18,9 @@ from collections import Counter
 from typing import Any
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import IMAGE_EXTENSIONS, DecodeError, LabelSpec, image_header
-from gensynth.data.manifest import MANIFEST_NAME, HashingReader, Manifest, ShardInfo, manifest_url, write_manifest
+from gensynth.data.manifest import MANIFEST_NAME, HashingReader, Manifest, ShardInfo, manifest_url
 from gensynth.data.tario import CorruptShard, TruncatedShard, iter_samples
 from gensynth.errors import InputDataError, UsageError
 from gensynth.progress import progress
@@ -108,7 +109,8 @@ def _classes(labels: Counter[int | str], class_names: list[str] | None, key: str
 
 
 def index_shards(source: str, label_key: str = "cls", image_key: str | None = None,
-                 class_names: list[str] | None = None, overwrite: bool = False) -> tuple[Manifest, str]:
+                 class_names: list[str] | None = None, overwrite: bool = False,
+                 license: str = "") -> tuple[Manifest, str]:
     """Write the manifest of the existing shards `source` (see the module docstring); return it and its URL."""
     urls = shard_urls(source)
     folder = storage.parent(urls[0])
@@ -164,12 +166,12 @@ def index_shards(source: str, label_key: str = "cls", image_key: str | None = No
     if survey.has_json:
         schema["json"] = "object"
     provenance = {"kind": "indexed", "source": source, "label_key": label_key, "unlabelled": survey.unlabelled,
-                  "gensynth_version": __version__}
+                  "gensynth_version": __version__, **({"license": license} if license else {})}
     split = re.sub(r"[-_]?\d+$", "", storage.basename(urls[0]).removesuffix(".tar")) or "train"
     manifest = Manifest(split=split, shards=shards, schema=schema,
                         class_histogram={str(k): v for k, v in sorted(histogram.items())}, classes=classes,
                         provenance=provenance)
-    url = write_manifest(folder, manifest)
+    url = publish(folder, manifest)
     sizes = ", ".join(f"{k} ({v})" for k, v in image.get("sizes", {f"{h}x{w}": total}).items())
     log.info("indexed %d samples in %d shards: %s images %s, %d channel(s); %d classes%s; %s", total, len(shards),
              field, sizes, c, len(histogram), f", {survey.unlabelled} unlabelled" if survey.unlabelled else "",

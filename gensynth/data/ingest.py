@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import DecodeError, as_hwc, check_label, resize_image
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, manifest_url, read_manifest, write_manifest
 from gensynth.data.sources import Source
@@ -70,7 +71,7 @@ def per_class_subset(source: Source, k: int, seed: int | None) -> np.ndarray:
 
 def ingest(source: Source, out: str, split: str = "train", shard_size: int = 5000, encoding: str = "png",
            seed: int | None = 0, overwrite: bool = False, per_class: int | None = None,
-           resize: tuple[int, str] | None = None) -> Manifest:
+           resize: tuple[int, str] | None = None, license: str = "") -> Manifest:
     """Write `source` as OUT/<split>/ shards + manifest.json; see the module docstring.
 
     The shards are written under hidden staged names beside the set and swapped in only once all are
@@ -114,6 +115,8 @@ def ingest(source: Source, out: str, split: str = "train", shard_size: int = 500
                       "shard_size": shard_size, "gensynth_version": __version__}
         if resize is not None:
             provenance["resize"] = {"size": resize[0], "mode": resize[1]}
+        if license:  # only when given: the manifest of a set made without one keeps its bytes
+            provenance["license"] = license
         if per_class:  # a K-per-class subset: the seeded choice is part of what the set is
             provenance["per_class"] = {"k": per_class, "seed": 0 if seed is None else seed,
                                        "chosen_from": len(source)}
@@ -162,7 +165,7 @@ def swap_in(folder: str, split: str, manifest: Manifest, stage: str) -> None:
             if i == len(staged) // 2:
                 crash_point("ingest.swap")  # half the old names hold new shards, the manifest lists staged ones
             storage.copy(storage.join(folder, name), storage.join(folder, shard.name))
-        write_manifest(folder, manifest)
+        publish(folder, manifest)
     except GensynthError as e:
         raise StorageError(f"{e}; the new set is complete in {folder} under temporary names (its "
                            f"{MANIFEST_NAME} lists them): run the same command with --overwrite to finish") from e

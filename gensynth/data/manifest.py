@@ -217,6 +217,7 @@ def manifest_sha256(location: str) -> str:
 
 
 def write_manifest(folder: str, manifest: Manifest) -> str:
+    """Write the manifest alone (atomically); a finished set's writer calls card.publish, which adds its card."""
     url = storage.join(folder, MANIFEST_NAME)
     storage.write_bytes(url, manifest.to_json().encode("utf-8"))
     return url

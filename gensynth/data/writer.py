@@ -27,8 +27,9 @@ from typing import IO, Any
 import numpy as np
 
 from gensynth import storage
+from gensynth.data.card import publish
 from gensynth.data.codec import array_field, as_hwc, check_array_name, encode_array, encode_image
-from gensynth.data.manifest import Manifest, ShardInfo, write_manifest
+from gensynth.data.manifest import Manifest, ShardInfo
 from gensynth.data.tario import TarShardWriter
 
 
@@ -210,9 +211,9 @@ class ShardSetWriter:
         return set_manifest(self.split, self.shards, self.schema(), self.histogram, classes, provenance)
 
     def finish(self, classes: list[str] | None = None, provenance: dict | None = None) -> Manifest:
-        """Close the last shard and write the manifest (atomically, last)."""
+        """Close the last shard and write the manifest (atomically, last of the data), then the dataset card."""
         manifest = self.manifest(classes, provenance)
-        write_manifest(self.folder, manifest)
+        publish(self.folder, manifest)
         return manifest
 
     def abort(self, exc: BaseException | None = None) -> None:

@@ -28,7 +28,8 @@ import torch
 
 from gensynth import __version__, storage
 from gensynth.config import EvalConfig
-from gensynth.data.manifest import imitated_set, manifest_url, read_manifest
+from gensynth.data.card import write_card
+from gensynth.data.manifest import imitated_set, manifest_sha256, manifest_url, read_manifest
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate import fidelity
 from gensynth.evaluate.classifier import Recipe
@@ -230,6 +231,7 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
         "fidelity": fid_part, "memorisation": mem_part, "usefulness": usefulness,
         "reconstruction": reconstruction, "inception": inception, "seconds": timings,
     }
+    update_card(synthetic, metrics)
     if report:
         folder = Path(report)
         folder.mkdir(parents=True, exist_ok=True)
@@ -239,6 +241,41 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
         write_report(folder / "report.html", metrics, synth=synth, real=test_ref, generator_train=generator_train,
                      memorised=mem, classes=extractor.config.get("classes"))
     return metrics
+
+
+def quality_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures a synthetic set's dataset card carries: those measured, each rounded for people."""
+    def _num(x: Any, digits: int) -> float:  # plain floats: the card's YAML takes no numpy scalars
+        return round(float(x), digits)
+
+    f, m, u = metrics["fidelity"], metrics["memorisation"], metrics["usefulness"]
+    cas, aug = u.get("cas") or {}, u.get("augmentation") or {}
+    figures: dict[str, Any] = {"fid": _num(f["fid"], 3), "fid_floor": _num(f["fid_floor"], 3),
+                               "precision": _num(f["precision"], 4), "recall": _num(f["recall"], 4),
+                               "near_copy_fraction": _num(m["near_copy_fraction"], 5)}
+    if "cas" in cas:
+        figures |= {"cas": _num(cas["cas"], 4), "cas_real_accuracy": _num(cas["real_accuracy"], 4),
+                    "cas_ratio": _num(cas["ratio"], 4)}
+    if "gain" in aug:
+        figures |= {"augmentation_gain": _num(aug["gain"]["mean"], 4),
+                    "augmentation_gain_std": _num(aug["gain"]["std"], 4)}
+        if aug.get("k") is not None:  # the K of a K-per-class set; none when --k-set is a set of its own
+            figures["augmentation_k"] = int(aug["k"])
+    return figures | {"evaluated_samples": metrics["protocol"]["evaluated_samples"],
+                      "manifest_sha256": metrics["synthetic"]["manifest_sha256"], "gensynth_version": __version__}
+
+
+def update_card(synthetic: str, metrics: dict[str, Any]) -> None:
+    """Put the figures into the evaluated set's README.md card, if the set is still the one evaluated; a set
+    that cannot be written (read-only, someone else's bucket) keeps its card, with a warning."""
+    url = manifest_url(synthetic)
+    try:
+        if manifest_sha256(url) != metrics["synthetic"]["manifest_sha256"]:
+            log.warning("%s changed while it was evaluated: its dataset card keeps no figures", synthetic)
+            return
+        write_card(storage.parent(url), read_manifest(url), quality_figures(metrics))
+    except GensynthError as e:
+        log.warning("could not update the dataset card of %s: %s", synthetic, e)
 
 
 def _reconstruction(prov: dict[str, Any], test: ImageSet, batch_size: int = 500) -> dict[str, Any]:

@@ -13,8 +13,9 @@ same device type, by any worker; shards are dealt round-robin to the workers (pr
 with no other coordination.
 
 What a reader can trust: every shard is published whole (temporary name + rename; on S3 an upload on
-close), then its receipt (`receipts/<shard>.json`: sha256, bytes, class counts and the job's
-fingerprint). A rerun skips shards whose file matches its receipt and redoes the rest, so a killed run is
-finished by running the same command again. The manifest is written last, atomically, by one writer,
-after every shard is there and verified: a reader that finds it may trust every shard it lists.
+close), then its receipt (`.receipts/<shard>.json`, a hidden folder that `datasets` skips: sha256, bytes,
+class counts and the job's fingerprint). A rerun skips shards whose file matches its receipt and redoes
+the rest, so a killed run is finished by running the same command again. The manifest is written last,
+atomically, by one writer, after every shard is there and verified: a reader that finds it may trust
+every shard it lists; the README.md dataset card follows it.
 """

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from gensynth import __version__, storage
+from gensynth.data.card import publish
 from gensynth.data.codec import SOFT_ARRAY
-from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
+from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.filter import load_filter
@@ -24,7 +25,16 @@ from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
 from gensynth.generate.options import GenerateOptions
 from gensynth.generate.plan import SPLIT, Job, build_job, interleaved_labels, my_shards
-from gensynth.generate.shards import RECEIPTS, draw_shard, read_receipt, shard_is_done, write_shard
+from gensynth.generate.shards import (
+    RECEIPT_FOLDERS,
+    RECEIPTS,
+    draw_shard,
+    move_old_receipts,
+    read_receipt,
+    receipt_names,
+    shard_is_done,
+    write_shard,
+)
 from gensynth.progress import progress
 from gensynth.runtime.ranks import rank_world
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -65,12 +75,13 @@ class Result:
 
 
 def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str = "general",
-               teacher: Teacher | None = None) -> dict[str, Any]:
+               teacher: Teacher | None = None, license: str = "") -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
     # only a relabelled set names its teacher: a set without soft labels keeps the manifest bytes it always had
     relabel = {} if teacher is None else {"relabel": teacher.describe()}
+    relabel.update({"license": license} if license else {})  # likewise a set without a --license
     return {**relabel, "kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
@@ -99,7 +110,7 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
         same = read_manifest(out).provenance.get("fingerprint") == fingerprint
         what = "a finished shard set made with other settings"
     else:
-        names = [n for n in storage.listdir(storage.join(out, RECEIPTS)) if n.endswith(".json")][:100]
+        names = receipt_names(out)[:100]
         same = all((read_receipt(out, n.replace(".json", ".tar")) or {}).get("job", fingerprint) == fingerprint
                    for n in names)
         what = "an unfinished generation with other settings (rerun it with its own arguments to finish it)"
@@ -109,8 +120,9 @@ def check_out(out: str, job: Job, overwrite: bool) -> None:
         raise UsageError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another OUT")
     log.info("--overwrite: removing the previous set in %s", out)
     storage.remove(manifest_url(out))
-    for name in storage.listdir(storage.join(out, RECEIPTS)):
-        storage.remove(storage.join(out, RECEIPTS, name))
+    for folder in RECEIPT_FOLDERS:
+        for name in storage.listdir(storage.join(out, folder)):
+            storage.remove(storage.join(out, folder, name))
     for name in storage.listdir(out):
         if name.startswith(f"{SPLIT}-") and name.endswith(".tar"):
             storage.remove(storage.join(out, name))
@@ -120,7 +132,7 @@ FINALIZE_THREADS = 16  # shards verified at once by --finalize (storage round tr
 
 
 def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general",
-             teacher: Teacher | None = None) -> Manifest:
+             teacher: Teacher | None = None, license: str = "") -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
@@ -148,8 +160,8 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
         raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
-                            provenance(sampler, job, source, dropped, purpose, teacher))
-    write_manifest(out, manifest)
+                            provenance(sampler, job, source, dropped, purpose, teacher, license))
+    publish(out, manifest)
     return manifest
 
 
@@ -187,7 +199,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     result = Result(out)
     warn_if_copying(sampler, source)
     if opts.finalize:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license)
         result.finalized_only = True
         return result
     if overwrite and tasks > 1:
@@ -195,7 +207,10 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                          "clear OUT first (or run once with --overwrite and --tasks 1)")
     if rank == 0:
         check_out(out, job, overwrite)
-    for folder in (out, storage.join(out, RECEIPTS)):  # temporary files of killed runs (storage.is_debris)
+        if move_old_receipts(out):
+            log.info("moved the receipts of the unfinished run in %s to %s/", out, RECEIPTS)
+    # temporary files of killed runs (storage.is_debris)
+    for folder in (out, *(storage.join(out, f) for f in RECEIPT_FOLDERS)):
         storage.remove_debris(folder)
     group = _process_group(world)
     if group:
@@ -240,7 +255,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license)
     if group:
         torch.distributed.barrier()
     return result

@@ -24,6 +24,8 @@ class GenerateOptions:
                           "(added to real data: fidelity), or general; sets the family's sampling defaults to the "
                           "ones measured best for it (an option given here still wins)",
                           choices=("general", "cas", "augment"))
+    license: str = option("", "the set's license for its manifest and README.md dataset card (default there: "
+                          "unknown, since the terms of the model's training images are not gensynth's to know)")
     truncation: float | None = option(None, "GAN: truncation trick threshold (0 = off)")
     temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
     top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")

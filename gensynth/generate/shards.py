@@ -21,11 +21,19 @@ from gensynth.generate.plan import SPLIT, Job, shard_generator
 from gensynth.runtime.faults import crash_point
 
 log = logging.getLogger("gensynth")
-RECEIPTS = "receipts"
+# hidden: `datasets.load_dataset(OUT)` skips dot-folders, and would read the JSON receipts as data
+RECEIPTS = ".receipts"
+OLD_RECEIPTS = "receipts"  # where runs before the move wrote them: an unfinished one still resumes
+RECEIPT_FOLDERS = (RECEIPTS, OLD_RECEIPTS)
 
 
-def receipt_url(out: str, name: str) -> str:
-    return storage.join(out, RECEIPTS, name.replace(".tar", ".json"))
+def receipt_url(out: str, name: str, folder: str = RECEIPTS) -> str:
+    return storage.join(out, folder, name.replace(".tar", ".json"))
+
+
+def receipt_names(out: str) -> list[str]:
+    """The receipts' file names in OUT, in the new folder and the old one."""
+    return sorted({n for f in RECEIPT_FOLDERS for n in storage.listdir(storage.join(out, f)) if n.endswith(".json")})
 
 
 def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
@@ -86,10 +94,27 @@ def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: 
     return receipt
 
 
+def move_old_receipts(out: str) -> int:
+    """Move the receipts a run before the move left in `receipts/` into `.receipts/` (each copied, then
+    removed: a reader finds it in one or the other), so the finished set holds no folder that
+    `datasets.load_dataset(OUT)` would read as data. Returns how many moved."""
+    old = storage.join(out, OLD_RECEIPTS)
+    names = [n for n in storage.listdir(old) if n.endswith(".json")]
+    if names:
+        storage.makedirs(storage.join(out, RECEIPTS))
+    for name in names:
+        storage.copy(storage.join(old, name), storage.join(out, RECEIPTS, name))
+        storage.remove(storage.join(old, name))
+    storage.remove_folder(old)
+    return len(names)
+
+
 def read_receipt(out: str, name: str) -> dict[str, Any] | None:
     url = receipt_url(out, name)
     if not storage.exists(url):
-        return None
+        url = receipt_url(out, name, OLD_RECEIPTS)
+        if not storage.exists(url):
+            return None
     try:
         return json.loads(storage.read_bytes(url))
     except ValueError:
