@@ -132,6 +132,8 @@ def test_training_on_tars_without_a_manifest_names_the_index_command(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "wds"))
     done = gensynth("train", str(config))
     assert done.returncode == 2 and f"gensynth index '{tmp_path / 'wds'}'" in done.stderr
+    by_pattern = gensynth("train", str(config), f"data.train={pattern}")
+    assert by_pattern.returncode == 2 and f"gensynth index '{pattern}'" in by_pattern.stderr
     shard = gensynth("shard", f"shards:{pattern}", str(tmp_path / "out"))
     assert shard.returncode == 2 and "gensynth index" in shard.stderr
 

@@ -74,7 +74,8 @@ def data_info(loader: ShardLoader, source: str) -> DataInfo:
     image = schema.get("image") or (manifest.provenance.get("image") if arrays else None)
     if manifest is None or image is None:
         raise UsageError(f"{source}: training needs a shard set with a manifest.json that describes its images "
-                         "(or, for a prior, code shards that record the images they encode)")
+                         "(or, for a prior, code shards that record the images they encode); for WebDataset tars "
+                         f"you already have, write one with `gensynth index '{source}'` (the tars stay as they are)")
     num_classes = manifest.num_classes or max(len(manifest.classes or []), 1)  # the loader checks labels by it
     classes = manifest.classes or [str(i) for i in range(num_classes)]
     sha256 = manifest_sha256(source)
