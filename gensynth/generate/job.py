@@ -291,6 +291,6 @@ def summary(result: Result) -> list[str]:
             "read it with:",
             f"  gensynth inspect {result.out} --verify",
             f"  webdataset.WebDataset('{pattern}', shardshuffle=False).decode('pil')  # or shardshuffle=100",
-            f"  datasets.load_dataset('webdataset', data_files='{storage.join(result.out, '*.tar')}', split='train')",
+            f"  datasets.load_dataset('{result.out}', split='{SPLIT}')  # its README.md dataset card names the tars",
             f"  gensynth.data.ShardLoader('{result.out}', batch_size=128)"
             + ("  # soft labels: batch['soft_label']" if SOFT_ARRAY in m.schema.get("arrays", {}) else "")]
