@@ -12,7 +12,8 @@ a 128-unit ReLU layer (the features), dropout, a linear head. About 0.1 M parame
 and channel count. Recipe: AdamW (Loshchilov & Hutter 2019), cosine learning-rate decay, random
 translations of up to 2 pixels (the standard cheap augmentation of the MNIST family), a fixed
 number of steps. All randomness comes from the `seed` argument; the global RNG is left untouched
-(training may call this mid-run).
+(training may call this mid-run). A Pool may carry a classic augmentation (augment.py) applied to each
+batch drawn from it: the usefulness classifiers use that (eval.real_augment) instead of the shift.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gensynth.evaluate.augment import ClassicAugment
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Pool:
     images: torch.Tensor  # uint8 [n, C, H, W]
     labels: torch.Tensor  # int64 [n]
     weight: float = 1.0
+    augment: ClassicAugment | None = None  # classic augmentation of each batch drawn (None: as they are)
 
 
 def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
@@ -113,7 +117,7 @@ def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
             if count == 0:
                 continue
             idx = torch.tensor(take(cursor, count))
-            images.append(pool.images[idx])
+            images.append(pool.augment(pool.images[idx], generator) if pool.augment else pool.images[idx])
             labels.append(pool.labels[idx])
             weights.append(torch.full((count,), float(pool.weight)))
         yield torch.cat(images), torch.cat(labels), torch.cat(weights)
