@@ -199,6 +199,12 @@ def test_bad_augmentation_and_grid_values_are_one_clear_line():
         evaluate_synthetic("nowhere", "nowhere", cfg=EvalConfig(mix_fractions=[0.0]))
 
 
+def test_the_test_set_given_as_the_training_set_is_refused(toy, tmp_path):
+    # else the recommended mix would validate on the test set
+    with pytest.raises(UsageError, match="--train and --real both name the set"):
+        evaluate_synthetic(toy["synth"], toy["test"], train=toy["test"], cfg=tiny_eval_config(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------- the file and MixLoader
 
 

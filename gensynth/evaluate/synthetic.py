@@ -126,6 +126,9 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                          "pass the real training set with --train")
     test_all = load_image_set(real_test, desc="read real test set")
     train_all = load_image_set(train, desc="read real training set")
+    if train_all.manifest_sha256 == test_all.manifest_sha256:
+        raise UsageError(f"--train and --real both name the set {test_all.url}: the real training set must not be "
+                         "the test set (the floors, CAS and the recommended mix's validation split come from it)")
     for name, s in (("real test set", test_all), ("real training set", train_all)):
         if _shape(s) != _shape(synth_all):
             raise UsageError(f"{s.url}: the {name} holds {_shape(s)} images, the synthetic set "
