@@ -53,7 +53,7 @@ class UsefulnessProtocol:
     def pool(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0, synthetic: bool = False) -> Pool:
         """A training pool with this protocol's classic augmentation (for synthetic ones: if augment_synthetic)."""
         augment = self.augment if self.augment and (self.augment_synthetic or not synthetic) else None
-        return Pool(images, labels, weight, augment)
+        return Pool(images, labels, weight, augment=augment)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
