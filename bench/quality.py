@@ -185,6 +185,8 @@ def row(family: str, data: str, training: dict, m: dict) -> dict:
         "aug_real": (aug.get("real_only") or {}).get("mean"),
         "aug_mixed": (aug.get("real_plus_synthetic") or {}).get("mean"),
         "aug_gain": (aug.get("gain") or {}).get("mean"), "aug_gain_std": (aug.get("gain") or {}).get("std"),
+        "mix": {k: v for k, v in (u.get("recommended_mix") or {}).items() if k != "search"},
+        "verdict": (m.get("verdict") or {}).get("verdict"),
     }
 
 
@@ -285,9 +287,12 @@ def main() -> int:
         f"near-copies: nearest-training-image RMS pixel distance < {cfg.copy_ratio} x the median for real test "
         "images (training set = the generator's own)",
         f"classifier (CAS, augmentation): SmallCNN, {cfg.classifier_steps} steps, batch {cfg.classifier_batch_size}, "
-        f"AdamW {cfg.classifier_lr:g} cosine, shifts <= 2 px; CAS: {args.num} synthetic vs {args.num} real, 1 seed; "
-        f"augmentation: {args.seeds} seeds, synthetic share of each batch {cfg.synthetic_fraction}, synthetic loss "
-        f"weight {cfg.synthetic_weight}, filter {cfg.synthetic_filter}, {args.num_k} synthetic samples",
+        f"AdamW {cfg.classifier_lr:g} cosine, classic augmentation {cfg.real_augment} of every real (and synthetic: "
+        f"{cfg.augment_synthetic}) image; CAS: {args.num} synthetic vs {args.num} real, 1 seed; "
+        f"augmentation: {args.seeds} seeds at the recommended mix (grid {cfg.mix_fractions} x {cfg.mix_weights} x "
+        f"{cfg.mix_filters}, chosen on {cfg.validation_per_class} real labels per class outside the K set; "
+        f"fallback {cfg.synthetic_fraction} / {cfg.synthetic_weight} / {cfg.synthetic_filter}), {args.num_k} "
+        "synthetic samples",
         "goals: CAS >= 0.85 x real; augmentation gain >= +1.0 point at K = 10 and 50; near-copies < 1%",
     ]
     print("\n".join(["", *protocol, "", *table(rows)]))

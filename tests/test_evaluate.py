@@ -253,7 +253,7 @@ def test_augmentation_gain_refuses_a_generator_trained_on_more_than_the_k_set(to
 
 def test_cas_and_augmentation_gain_end_to_end_with_a_report_that_renders(toy, tmp_path):
     report = tmp_path / "report"
-    cfg = tiny_eval_config(tmp_path / "cache", synthetic_filter="agree")
+    cfg = tiny_eval_config(tmp_path / "cache", synthetic_filter="agree", recommend_mix=False)  # the configured mix
     metrics = evaluate_synthetic(toy["synth_k5"], toy["test"], train=toy["train"], report=str(report), cfg=cfg)
     assert json.loads((report / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     f, u, m = metrics["fidelity"], metrics["usefulness"], metrics["memorisation"]
@@ -271,6 +271,7 @@ def test_cas_and_augmentation_gain_end_to_end_with_a_report_that_renders(toy, tm
                                                                        aug["real_plus_synthetic"]["runs"])])
     assert aug["gain"]["mean"] == pytest.approx(np.mean(aug["gain"]["runs"]))
     assert all(0 < kept <= 200 for kept in aug["synthetic_kept"])  # the agree filter kept some, not more
+    assert u["recommended_mix"]["chosen_on"] == "the configured values (eval.synthetic_*): eval.recommend_mix=false"
 
     page = (report / "report.html").read_text()
     assert page.count("<img") >= 6 and "src=\"http" not in page and "<script" not in page  # self-contained

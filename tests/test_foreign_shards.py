@@ -115,14 +115,17 @@ def test_train_generate_and_eval_on_an_indexed_set(tmp_path):
     assert gensynth("generate", str(run_dir(config)), str(out), "--num", "60").returncode == 0
     synth = read_manifest(str(out))
     assert synth.image_shape == (16, 16, 3) and synth.num_samples == 60
+    test = write_foreign(tmp_path / "wds-test", n=60)
+    index_shards(test)
+    test = str(tmp_path / "wds-test")
     report = tmp_path / "report"
-    evaluated = gensynth("eval", str(out), "--real", data, "--train", data, "--report", str(report),
+    evaluated = gensynth("eval", str(out), "--real", test, "--train", data, "--report", str(report),
                          "eval.resize=crop", "eval.num=60", "eval.classifier_steps=20", "eval.extractor_epochs=1",
                          f"eval.cache={tmp_path / 'cache'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["fidelity"]["fid"] >= 0 and 0 <= metrics["fidelity"]["class_consistency"] <= 1
-    unresized = gensynth("eval", str(out), "--real", data, "--train", data, "--report", str(tmp_path / "r2"))
+    unresized = gensynth("eval", str(out), "--real", test, "--train", data, "--report", str(tmp_path / "r2"))
     assert unresized.returncode == 2 and "eval.resize" in unresized.stderr
     assert "Traceback" not in unresized.stderr
 

@@ -22,19 +22,59 @@ Soft labels (`gensynth generate --relabel`): when any source has them, every bat
 batch["soft_label"], float32 [n, classes], so the whole batch trains with one loss. A source without
 them contributes the one-hot of its labels (the same target its hard label gives cross-entropy); a
 sample without a label (-1) gets a row of zeros, i.e. no target.
+
+At the mix `gensynth eval` recommends for a synthetic set (recommended_mix.json beside metrics.json:
+the synthetic share and loss weight chosen on a validation split; with the agree filter, the filtered
+set it wrote beside it):
+
+    loader = MixLoader.from_recommendation("data/fashion/k10/train", None, "reports/synth_k10", batch_size=128)
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from gensynth import storage
 from gensynth.data.codec import SOFT_ARRAY, SOFT_LABEL_KEY
+from gensynth.data.manifest import manifest_sha256
 from gensynth.data.plan import derive_seed
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
+
+log = logging.getLogger("gensynth")
+RECOMMENDATION_FILE = "recommended_mix.json"
+RECOMMENDATION_FORMAT = "gensynth-recommended-mix/1"
+FILTERS = ("none", "agree")
+
+
+def read_recommendation(location: str) -> dict[str, Any]:
+    """The recommendation `gensynth eval` wrote (recommended_mix.json, or the report folder holding it), checked;
+    its "url" is where it was read, its synthetic set's "url" resolved (a "file" beside it, or as written)."""
+    url = location if str(location).endswith(".json") else storage.join(location, RECOMMENDATION_FILE)
+    if not storage.exists(url):
+        raise UsageError(f"{url}: no recommended mix there; `gensynth eval` writes {RECOMMENDATION_FILE} beside "
+                         "metrics.json when it measures the augmentation gain")
+    try:
+        rec = json.loads(storage.read_bytes(url))
+    except ValueError as e:
+        raise UsageError(f"{url}: not a recommended mix ({e})") from None
+    mix = rec.get("recommended_mix") if isinstance(rec, dict) else None
+    target = rec.get("synthetic") if isinstance(rec, dict) else None
+    if rec.get("format") != RECOMMENDATION_FORMAT or not isinstance(mix, dict) or not isinstance(target, dict):
+        raise UsageError(f"{url}: not a recommended mix of this gensynth (format {RECOMMENDATION_FORMAT})")
+    fraction, weight = mix.get("synthetic_fraction"), mix.get("synthetic_weight")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1 and isinstance(weight, (int, float))
+            and weight > 0 and mix.get("filter") in FILTERS):
+        raise UsageError(f"{url}: its recommended_mix {mix} needs 0 < synthetic_fraction < 1, synthetic_weight > 0 "
+                         f"and a filter of {', '.join(FILTERS)}")
+    beside = target.get("file")
+    target = {**target, "url": storage.join(storage.parent(url), beside) if beside else target.get("url")}
+    return {**rec, "url": url, "synthetic": target}
 
 
 def split_batch(batch_size: int, ratio: list[float]) -> list[int]:
@@ -114,6 +154,26 @@ class MixLoader:
                 raise UsageError(f"cannot mix {name} ({classes} classes) into soft labels of {width} classes "
                                  f"({', '.join(widths)}): one class list per batch")
         return width
+
+    @classmethod
+    def from_recommendation(cls, real: str | list[str], synthetic: str | None, recommendation: str,
+                            batch_size: int, **options: Any) -> MixLoader:
+        """`real` and `synthetic` at the recommended mix: synthetic_fraction of every batch synthetic (largest
+        remainder), their loss weighted synthetic_weight. `synthetic` None: the set the recommendation names
+        (with the agree filter, the filtered set written beside it). It must be the set the recommendation was
+        measured on (manifest sha256): a mix chosen for one set says nothing about another."""
+        rec = read_recommendation(recommendation)
+        mix, target = rec["recommended_mix"], rec["synthetic"]
+        synthetic = synthetic or target["url"]
+        if manifest_sha256(synthetic) != target.get("manifest_sha256"):
+            raise UsageError(f"{synthetic} is not the synthetic set {rec['url']} was measured on ({target['url']}, "
+                             f"manifest sha256 {str(target.get('manifest_sha256'))[:12]}...); evaluate it with "
+                             "`gensynth eval`, or pass ratio= and weights= to MixLoader yourself")
+        if rec.get("verdict") in ("hurts", "neutral"):
+            log.warning("%s: %s", rec["url"], rec.get("line", f"the synthetic set {rec['verdict']}"))
+        f = float(mix["synthetic_fraction"])
+        return cls({"real": real, "synthetic": synthetic}, batch_size, ratio={"real": 1 - f, "synthetic": f},
+                   weights={"synthetic": float(mix["synthetic_weight"])}, **options)
 
     @property
     def primary(self) -> ShardLoader:

@@ -12,7 +12,8 @@ a 128-unit ReLU layer (the features), dropout, a linear head. About 0.1 M parame
 and channel count. Recipe: AdamW (Loshchilov & Hutter 2019), cosine learning-rate decay, random
 translations of up to 2 pixels (the standard cheap augmentation of the MNIST family), a fixed
 number of steps. All randomness comes from the `seed` argument; the global RNG is left untouched
-(training may call this mid-run).
+(training may call this mid-run). A Pool may carry a classic augmentation (augment.py) applied to each
+batch drawn from it: the usefulness classifiers use that (eval.real_augment) instead of the shift.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gensynth.evaluate.augment import ClassicAugment
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Pool:
     labels: torch.Tensor  # int64 [n]
     weight: float = 1.0
     soft: torch.Tensor | None = None  # float32 [n, classes]: cross-entropy against these (distillation)
+    augment: ClassicAugment | None = None  # classic augmentation of each batch drawn (None: as they are)
 
 
 def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
@@ -117,7 +121,7 @@ def batches_from_pools(pools: list[tuple[Pool, int]], steps: int,
             if count == 0:
                 continue
             idx = torch.tensor(take(cursor, count))
-            images.append(pool.images[idx])
+            images.append(pool.augment(pool.images[idx], generator) if pool.augment else pool.images[idx])
             labels.append(pool.labels[idx])
             weights.append(torch.full((count,), float(pool.weight)))
             if width is not None:

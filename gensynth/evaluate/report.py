@@ -1,4 +1,5 @@
-"""report.html: one self-contained page (every image a data: URI, no external file or script) with the
+"""report.html: one self-contained page (every image a data: URI, no external file or script) that opens
+with the verdict (whether the set helps, is neutral or hurts, and what to do about it), then the
 metrics, their floors and meanings, sample grids per class, the closest synthetic/training pairs,
 matplotlib plots, and the protocol."""
 
@@ -28,6 +29,8 @@ th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-v
 img.grid { image-rendering: pixelated; border: 1px solid #ccc; } .muted { color: #666; font-size: 90%; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 85%; }
 figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
+p.verdict { font-size: 115%; padding: 0.6em 1em; border-left: 6px solid #888; background: #f7f7f7; }
+p.helps { border-color: #2a8a2a; } p.hurts { border-color: #c0392b; } p.neutral { border-color: #d4a017; }
 """
 
 
@@ -108,7 +111,12 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
     parts: list[str] = []
     add = parts.append
     s = metrics["synthetic"]
-    add(f"<h1>Synthetic data report</h1><p><b>{html.escape(str(s['url']))}</b>: {s['samples']} samples"
+    v = metrics.get("verdict") or {}
+    add("<h1>Synthetic data report</h1>")
+    if v:
+        add(f"<p class='verdict {html.escape(v['verdict'])}' id='verdict'><b>{html.escape(v['line'])}</b><br>"
+            f"{html.escape(v['advice'])}</p>")
+    add(f"<p><b>{html.escape(str(s['url']))}</b>: {s['samples']} samples"
         f"{', family ' + html.escape(str(s['family'])) if s.get('family') else ''}; "
         f"{p['evaluated_samples']} evaluated. Feature extractor: a small CNN trained on "
         f"{html.escape(str(p['extractor']['train']['train']))}, <b>{_fmt(metrics['extractor']['test_accuracy'], True)}"
@@ -141,7 +149,8 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
         rows.append([f"augmentation gain, K = {aug['k']}", f"{100 * aug['gain']['mean']:+.2f} &plusmn; "
                      f"{100 * aug['gain']['std']:.2f} pts", _fmt(aug["real_only"]["mean"], True),
                      f"real + synthetic {_fmt(aug['real_plus_synthetic']['mean'], True)} vs real only (the reference "
-                     f"column), {len(aug['gain']['runs'])} seeds"])
+                     f"column; both with the classic augmentation {html.escape(_augment_spec(aug))}), "
+                     f"{len(aug['gain']['runs'])} seeds"])
     add("<h2>Metrics</h2>" + _table(["metric", "synthetic", "floor / reference", "meaning"], rows))
     for key, what in (("cas", "CAS"), ("augmentation", "Augmentation gain")):
         if "skipped" in u.get(key, {}):
@@ -218,6 +227,7 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
                     for i, (a, b) in enumerate(zip(aug["real_only"]["runs"], aug["real_plus_synthetic"]["runs"]))]))
         add(f"<figure>{scaled_img(figure_png(lambda ax: _augmentation_plot(ax, aug)), 'augmentation', 1)}"
             "</figure>")
+        add(_mix_section(u.get("recommended_mix")))
         add(f"<p class='muted'>K set {html.escape(str(aug['k_set']['url']))} (manifest sha256 "
             f"{html.escape(str(aug['k_set']['manifest_sha256']))[:16]}..., the one the generator was trained on); "
             f"synthetic samples kept: {aug['synthetic_kept']}.</p>")
@@ -229,6 +239,36 @@ def write_report(path: str | Path, metrics: dict[str, Any], synth: ImageSet, rea
     path = Path(path)
     storage.write_bytes(str(path), page.encode("utf-8"))
     return path
+
+
+def _augment_spec(aug: dict[str, Any]) -> str:
+    return str(aug.get("protocol", {}).get("augment", {}).get("spec", "none"))
+
+
+def _mix_section(mix: dict[str, Any] | None) -> str:
+    """The recommended mix: what was chosen, on what, and every grid point's validation accuracy."""
+    if not mix:
+        return ""
+    out = (f"<h3>Recommended mix</h3><p>{100 * mix['synthetic_fraction']:.0f}% synthetic per batch, loss weight "
+           f"{mix['synthetic_weight']:g}, filter {html.escape(str(mix['filter']))}; chosen on "
+           f"{html.escape(str(mix['chosen_on']))}. Labels used: {mix['labels']['k_set']} in the K set + "
+           f"{mix['labels']['validation']} for validation = {mix['labels']['total']}. The test set played no part "
+           "in the choice; the table above is the chosen mix on the test set, with other seeds than the search's. "
+           "recommended_mix.json beside this page holds the choice (MixLoader.from_recommendation).</p>")
+    search = mix.get("search")
+    if not search:
+        return out
+    real = search["real_only_validation_accuracy"]
+    rows = [["real only", "-", "-", "-", _fmt(real["mean"], True) if real else "-", ""]]
+    for r in search["grid"]:
+        acc = r.get("validation_accuracy")
+        spread = f"&plusmn; {100 * acc['std']:.2f} over seeds {search['seeds']}" if acc else ""
+        chosen = all(r[k] == mix[k] for k in ("synthetic_fraction", "synthetic_weight", "filter"))
+        rows.append([f"{'<b>chosen</b>' if chosen else ''}", f"{r['synthetic_fraction']:g}",
+                     f"{r['synthetic_weight']:g}", html.escape(r["filter"]),
+                     _fmt(acc["mean"], True) if acc else "-",
+                     html.escape(r.get("failed", "")) or spread])
+    return out + _table(["", "synthetic fraction", "weight", "filter", "validation accuracy", ""], rows)
 
 
 def _consistency_plot(ax: Any, names: list[str], per: dict[str, float], f: dict[str, Any]) -> None:

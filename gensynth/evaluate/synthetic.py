@@ -13,6 +13,11 @@ The protocol (every number in metrics.json and report.html comes with it):
   was trained on a K-per-class set (or `k_set` names one): checked from provenance, refused otherwise.
   A synthetic set with soft labels (generate --relabel) trains its samples against them in augmentation
   gain (distillation); CAS keeps the hard labels, so it still measures the generator's labelled samples.
+  Every usefulness classifier's real images get the classic augmentation eval.real_augment.
+- The recommended mix (recommend.py): synthetic share, weight and filter chosen on a validation split of
+  real labels outside the K set, never on the test set; the augmentation gain is measured at it, and the
+  verdict (helps / neutral / hurts) leads metrics.json, report.html and the printed summary.
+  recommended_mix.json beside metrics.json holds the choice for data.mix.MixLoader.from_recommendation.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ import numpy as np
 import torch
 
 from gensynth import __version__, storage
-from gensynth.config import EvalConfig
+from gensynth.config import EvalConfig, eval_problem
 from gensynth.data.card import write_card
 from gensynth.data.manifest import imitated_set, manifest_sha256, manifest_url, read_manifest
-from gensynth.errors import GensynthError, UsageError
+from gensynth.errors import ConfigError, GensynthError, UsageError
 from gensynth.evaluate import fidelity
-from gensynth.evaluate.classifier import Recipe
+from gensynth.evaluate.augment import ClassicAugment
+from gensynth.evaluate.classifier import Recipe, SmallCNN
 from gensynth.evaluate.extractor import resolve_extractor
 from gensynth.evaluate.memorisation import memorisation
+from gensynth.evaluate.recommend import recommend, verdict, write_recommendation
 from gensynth.evaluate.sets import ImageSet, load_image_set, matching_subset, scaled_histogram
 from gensynth.evaluate.usefulness import (
     UsefulnessProtocol,
@@ -53,9 +60,11 @@ def default_report_dir(synthetic: str) -> str:
 
 
 def usefulness_protocol(cfg: EvalConfig) -> UsefulnessProtocol:
-    recipe = Recipe(steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, lr=cfg.classifier_lr)
+    # shift=0: the recipe's own translation would come on top of real_augment's
+    recipe = Recipe(steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, lr=cfg.classifier_lr, shift=0)
+    augment = ClassicAugment.parse(cfg.real_augment, cfg.augment_shift, cfg.augment_cutout)
     return UsefulnessProtocol(recipe, cfg.seed, cfg.seeds, cfg.synthetic_fraction, cfg.synthetic_weight,
-                              cfg.synthetic_filter)
+                              cfg.synthetic_filter, augment=augment, augment_synthetic=cfg.augment_synthetic)
 
 
 def _varied(url: str) -> bool:
@@ -105,6 +114,9 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     its manifest says it is a K-per-class subset. Returns the metrics (what metrics.json holds).
     """
     cfg = cfg or EvalConfig()
+    if problem := eval_problem(cfg):
+        raise ConfigError(problem)
+    protocol = usefulness_protocol(cfg)  # a bad eval.real_augment fails here, before any reading
     timings: dict[str, float] = {}
     clock = time.monotonic()
 
@@ -127,6 +139,9 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     fit = None if cfg.resize == "none" else (int(synth_all.images.shape[-1]), cfg.resize)
     test_all = load_image_set(real_test, desc="read real test set", resize=fit)
     train_all = load_image_set(train, desc="read real training set", resize=fit)
+    if train_all.manifest_sha256 == test_all.manifest_sha256:
+        raise UsageError(f"--train and --real both name the set {test_all.url}: the real training set must not be "
+                         "the test set (the floors, CAS and the recommended mix's validation split come from it)")
     for name, s in (("real test set", test_all), ("real training set", train_all)):
         if _shape(s) != _shape(synth_all):
             raise UsageError(f"{s.url}: the {name} holds {_shape(s)} images, the synthetic set "
@@ -168,7 +183,6 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                                   for i in closest]}
     lap("memorisation")
 
-    protocol = usefulness_protocol(cfg)
     usefulness: dict[str, Any] = {}
     if not cfg.cas:
         usefulness["cas"] = {"skipped": "eval.cas=false"}
@@ -180,6 +194,8 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     lap("cas")
 
     k_url = k_set
+    real_models: dict[int, SmallCNN] = {}  # the reported seeds' real-only classifiers (the agree filter's too)
+    k_data: ImageSet | None = None
     if k_url is None and isinstance((generator_train.provenance or {}).get("per_class"), dict):
         k_url = generator_train.url
     if k_url is None:
@@ -194,8 +210,10 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
         check_generator_saw_only(synth_all, k_data)  # refuses (exit 2) before any classifier is trained
         if per_class_count(k_data.labels) is None:
             log.warning("%s does not hold the same number of samples in every class", k_url)
-        usefulness["augmentation"] = augmentation_gain(k_data, synth_all, test_all, num_classes, protocol,
-                                                       check_provenance=False)
+        chosen, usefulness["recommended_mix"] = recommend(k_data, synth_all, train_all, num_classes, protocol, cfg)
+        lap("recommended_mix")
+        usefulness["augmentation"] = augmentation_gain(k_data, synth_all, test_all, num_classes, chosen,
+                                                       check_provenance=False, real_models=real_models)
     lap("augmentation")
 
     reconstruction = _reconstruction(prov, test_all)
@@ -204,8 +222,10 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     if inception is not None:
         lap("inception")
 
+    mix = usefulness.get("recommended_mix")
     metrics = {
         "format": "gensynth-eval/1",
+        "verdict": verdict(usefulness["augmentation"], mem_part, mix),
         "synthetic": {"url": synthetic, "samples": len(synth_all), "manifest_sha256": synth_all.manifest_sha256,
                       "family": prov.get("family"), "export": prov.get("export"),
                       "training_data": prov.get("training_data"),
@@ -225,6 +245,9 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
                 "used_by": "augmentation gain: each synthetic sample's loss is the cross-entropy against its soft "
                            "label (soft.npy, the teacher's probabilities); real samples and CAS use hard labels",
                 "teacher": (prov.get("relabel") or {}).get("teacher")},
+            "baseline": f"every usefulness classifier's real training images get the classic augmentation "
+                        f"{protocol.augment.spec} (eval.real_augment); synthetic ones "
+                        f"{'too' if protocol.augment_synthetic else 'not'} (eval.augment_synthetic)",
             "gensynth_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         },
         "extractor": {"test_accuracy": extractor.test_accuracy, "folder": str(extractor.folder)},
@@ -235,6 +258,8 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     if report:
         folder = Path(report)
         folder.mkdir(parents=True, exist_ok=True)
+        if mix is not None:
+            write_recommendation(folder, metrics, synth_all, real_models.get(protocol.seed))
         storage.write_bytes(str(folder / "metrics.json"), (json.dumps(metrics, indent=1) + "\n").encode())
         from gensynth.evaluate.report import write_report
 
@@ -322,7 +347,9 @@ def summary_lines(metrics: dict[str, Any], report: str | None = None) -> list[st
     """The short summary `gensynth eval` prints."""
     f, m, u = metrics["fidelity"], metrics["memorisation"], metrics["usefulness"]
     p = metrics["protocol"]
-    lines = [f"{metrics['synthetic']['url']}: {p['evaluated_samples']} samples evaluated; feature extractor "
+    v = metrics.get("verdict") or {}
+    lines = [*([v["line"], v["advice"]] if v else []),
+             f"{metrics['synthetic']['url']}: {p['evaluated_samples']} samples evaluated; feature extractor "
              f"{100 * metrics['extractor']['test_accuracy']:.2f}% real test accuracy",
              f"FID {f['fid']:.2f} (real-vs-real floor {f['fid_floor']:.2f})   KID x1000 {f['kid_x1000']:.2f} "
              f"(floor {f['kid_floor_x1000']:.2f})",
@@ -336,9 +363,14 @@ def summary_lines(metrics: dict[str, Any], report: str | None = None) -> list[st
                      f"(ratio {cas['ratio']:.3f})")
     else:
         lines.append(f"CAS skipped: {cas.get('skipped')}")
-    aug = u.get("augmentation", {})
+    aug, mix = u.get("augmentation", {}), u.get("recommended_mix")
+    if mix:
+        lines.append(f"mix: {100 * mix['synthetic_fraction']:.0f}% synthetic per batch, weight "
+                     f"{mix['synthetic_weight']:g}, filter {mix['filter']}, chosen on {mix['chosen_on']}")
     if "gain" in aug:
-        lines.append(f"augmentation K={aug['k']}: real only {100 * aug['real_only']['mean']:.2f}%, real + synthetic "
+        spec = aug.get("protocol", {}).get("augment", {}).get("spec", "none")
+        lines.append(f"augmentation K={aug['k']}: real only (augmented: {spec}) {100 * aug['real_only']['mean']:.2f}%, "
+                     f"real + synthetic "
                      f"{100 * aug['real_plus_synthetic']['mean']:.2f}%, gain {100 * aug['gain']['mean']:+.2f} "
                      f"+- {100 * aug['gain']['std']:.2f} points ({len(aug['gain']['runs'])} seeds"
                      + (", synthetic soft labels)" if aug.get("soft_labels") else ")"))

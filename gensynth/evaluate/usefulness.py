@@ -15,6 +15,10 @@ synthetic set (synthetic_fraction; the rest real), each synthetic sample's loss 
 synthetic_weight, and optionally only the synthetic samples that the real-only classifier of the
 same seed assigns to their own label are kept (synthetic_filter = "agree": it knows only the K
 labels, so it peeks at nothing).
+
+The baseline is honest: the real samples of every classifier (real-only and mixed, CAS's real reference
+too) get the classic free augmentation (protocol.augment: shift, flip, cutout; augment.py), and so do the
+synthetic ones unless augment_synthetic is off. recommend.py chooses the mix on a validation split.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from gensynth.data.manifest import training_sets
 from gensynth.errors import UsageError
+from gensynth.evaluate.augment import ClassicAugment
 from gensynth.evaluate.classifier import Pool, Recipe, SmallCNN, accuracy, embed, progress_log, train_classifier
 from gensynth.evaluate.sets import ImageSet, matching_subset
 
@@ -42,10 +47,20 @@ class UsefulnessProtocol:
     synthetic_fraction: float = 0.5
     synthetic_weight: float = 1.0
     synthetic_filter: str = "none"
+    augment: ClassicAugment = ClassicAugment()  # of the real samples (on top of recipe.shift: eval sets that to 0)
+    augment_synthetic: bool = True  # the synthetic samples get `augment` too
+
+    def pool(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0, synthetic: bool = False,
+             soft: torch.Tensor | None = None) -> Pool:
+        """A training pool with this protocol's classic augmentation (for synthetic ones: if augment_synthetic);
+        `soft`: targets that replace the labels in the loss (a relabelled synthetic set's)."""
+        augment = self.augment if self.augment and (self.augment_synthetic or not synthetic) else None
+        return Pool(images, labels, weight, soft, augment=augment)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["recipe"] = self.recipe.to_dict()
+        out["augment"] = self.augment.to_dict()
         return out
 
 
@@ -62,9 +77,9 @@ def classification_accuracy_score(synthetic: ImageSet, real_train: ImageSet, rea
     batch = protocol.recipe.batch_size
     index = matching_subset(real_train.labels, synthetic.histogram(), protocol.seed, what="real training set")
     real = real_train.select(index)
-    cas_model = _train([(Pool(synthetic.images, synthetic.labels), batch)], num_classes, protocol, protocol.seed,
-                       f"{len(synthetic)} synthetic samples (CAS)")
-    real_model = _train([(Pool(real.images, real.labels), batch)], num_classes, protocol, protocol.seed,
+    cas_model = _train([(protocol.pool(synthetic.images, synthetic.labels, synthetic=True), batch)], num_classes,
+                       protocol, protocol.seed, f"{len(synthetic)} synthetic samples (CAS)")
+    real_model = _train([(protocol.pool(real.images, real.labels), batch)], num_classes, protocol, protocol.seed,
                         f"{len(real)} real samples (CAS baseline)")
     cas = accuracy(cas_model, real_test.images, real_test.labels)
     real_acc = accuracy(real_model, real_test.images, real_test.labels)
@@ -103,8 +118,12 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def augmentation_gain(k_set: ImageSet, synthetic: ImageSet, real_test: ImageSet, num_classes: int,
-                      protocol: UsefulnessProtocol, check_provenance: bool = True) -> dict[str, Any]:
-    """Real-only vs real + synthetic test accuracy over `protocol.seeds` seeds, paired by seed."""
+                      protocol: UsefulnessProtocol, check_provenance: bool = True,
+                      real_models: dict[int, SmallCNN] | None = None) -> dict[str, Any]:
+    """Real-only vs real + synthetic test accuracy over `protocol.seeds` seeds, paired by seed.
+
+    real_models: the real-only classifier of each seed, reused from and added to this dict (they do not
+    depend on the mix, so a search over mixes trains them once)."""
     if check_provenance:
         check_generator_saw_only(synthetic, k_set)
     batch = protocol.recipe.batch_size
@@ -114,10 +133,13 @@ def augmentation_gain(k_set: ImageSet, synthetic: ImageSet, real_test: ImageSet,
         raise UsageError(f"eval.synthetic_fraction={protocol.synthetic_fraction} leaves no room for real or synthetic "
                          f"samples in a batch of {batch}; use a value strictly between 0 and 1")
     real_acc, mixed_acc, kept = [], [], []
-    real_pool = Pool(k_set.images, k_set.labels)
+    real_pool = protocol.pool(k_set.images, k_set.labels)
+    real_models = {} if real_models is None else real_models
     for i in range(protocol.seeds):
         seed = protocol.seed + i
-        real_model = _train([(real_pool, batch)], num_classes, protocol, seed, f"{len(k_set)} real samples")
+        if seed not in real_models:
+            real_models[seed] = _train([(real_pool, batch)], num_classes, protocol, seed, f"{len(k_set)} real samples")
+        real_model = real_models[seed]
         real_acc.append(accuracy(real_model, real_test.images, real_test.labels))
         images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft
         if protocol.synthetic_filter == "agree":
@@ -130,7 +152,8 @@ def augmentation_gain(k_set: ImageSet, synthetic: ImageSet, real_test: ImageSet,
                                  "disagrees with every label; use eval.synthetic_filter=none")
         kept.append(len(labels))
         # soft labels (generate --relabel): synthetic samples train against the teacher's probabilities
-        pools = [(real_pool, n_real), (Pool(images, labels, protocol.synthetic_weight, soft), n_syn)]
+        pools = [(real_pool, n_real), (protocol.pool(images, labels, protocol.synthetic_weight, synthetic=True,
+                                                     soft=soft), n_syn)]
         mixed = _train(pools, num_classes, protocol, seed, f"{len(k_set)} real + {len(labels)} synthetic samples")
         mixed_acc.append(accuracy(mixed, real_test.images, real_test.labels))
         log.info("augmentation seed %d: real only %.2f%%, real + synthetic %.2f%%", seed, 100 * real_acc[-1],
