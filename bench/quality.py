@@ -17,6 +17,11 @@ psutil and stopped by SIGTERM once it has used --budget CPU-minutes; the loop sa
 exits 75, and a rerun with train.steps=<the step reached> writes the export. So families compare at
 equal compute, whatever their step cost, and a busy machine does not change the result (only the
 wall time). The protocol is printed above the table, and everything lands in --json.
+
+A reference row, "cdcgan (reference)", is a plain class-conditional DCGAN (bench/cdcgan.py: no gensynth
+model) trained on all of train at the same CPU budget, sampled (--num) and scored by the same
+evaluate_synthetic: the bar the GAN family must clear (--no-reference skips it). --set KEY=VALUE passes
+training overrides to every family (e.g. --families gan --set gan.lr_g=2e-4 for an ablation).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from gensynth.generate.job import generate  # noqa: E402
 from gensynth.train.checkpoint import latest_checkpoint  # noqa: E402
 
 REQUEUE = 75
+REFERENCE = "cdcgan (reference)"
 
 
 def families(configs: Path) -> list[tuple[str, Path, Path]]:
@@ -106,6 +112,25 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
             "wall_s": round(vq["wall_s"] + time.monotonic() - start, 1)}
 
 
+def train_reference(data: str, out: Path, budget_s: float, num: int, threads: int, log: Path) -> dict:
+    """bench/cdcgan.py on `data` for `budget_s` CPU seconds (it stops itself, counting as train_on_budget does),
+    writing `num` samples to OUT/synthetic. Reruns with the same budget and count reuse it."""
+    record = out / "training.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done.get("budget_s") == budget_s and done.get("num") == num:
+            return done
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    code, _ = run_watched([sys.executable, str(REPO / "bench" / "cdcgan.py"), "--data", data, "--out", str(out),
+                           "--budget", str(budget_s / 60), "--num", str(num), "--threads", str(threads)], log)
+    if code != 0:
+        raise RuntimeError(f"the reference cDCGAN ended with exit code {code}; see {log}")
+    done = {**json.loads(record.read_text()), "num": num}
+    record.write_text(json.dumps(done, indent=1) + "\n")
+    return done
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
     """CPU time (user + system) of a process and all its children (loader workers)."""
     total = 0.0
@@ -138,8 +163,10 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
     """Train until the process has used `budget_s` CPU seconds, then stop it (SIGTERM -> checkpoint, exit 75)
     and write the export from that checkpoint. Returns steps, CPU and wall seconds."""
     done_marker = run_dir / "budget.json"
-    if done_marker.is_file() and json.loads(done_marker.read_text()).get("budget_s") == budget_s:
-        return json.loads(done_marker.read_text())
+    if done_marker.is_file():
+        done = json.loads(done_marker.read_text())
+        if done.get("budget_s") == budget_s and done.get("overrides", overrides) == overrides:
+            return done
     shutil.rmtree(run_dir, ignore_errors=True)
     base = [sys.executable, "-m", "gensynth", "train", str(config), *overrides,
             f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
@@ -152,7 +179,7 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
     if run_watched([*base, f"train.steps={steps}"], log, mode="a")[0] != 0:
         raise RuntimeError(f"writing the export of {run_dir.name} failed; see {log}")
     result = {"budget_s": budget_s, "steps": steps, "cpu_s": round(used, 1),
-              "wall_s": round(time.monotonic() - start, 1)}
+              "wall_s": round(time.monotonic() - start, 1), "overrides": overrides}
     done_marker.write_text(json.dumps(result))
     return result
 
@@ -221,6 +248,9 @@ def main() -> int:
     ap.add_argument("--classifier-steps", type=int, default=EvalConfig.classifier_steps,
                     help="steps of every CAS / augmentation classifier")
     ap.add_argument("--families", help="comma-separated families (default: every configs/<family>_fashion.yaml)")
+    ap.add_argument("--no-reference", action="store_true", help=f"skip the {REFERENCE} row (bench/cdcgan.py)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                    help="training override for every family, e.g. gan.lr_g=2e-4 (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every process (1: the budget "
                     "counts work, not spinning threads on a shared machine)")
     ap.add_argument("--parallel", type=int, default=3, help="generators trained at the same time (the budget is "
@@ -230,6 +260,10 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("overrides", nargs="*", help="eval.key=value for the evaluation protocol")
     args = ap.parse_args()
+    bad = [kv for kv in args.sets if "=" not in kv or kv.startswith(("run.", "eval."))]
+    if bad:
+        ap.error(f"--set {bad[0]}: give SECTION.KEY=VALUE of the training config (run.* and eval.* are the "
+                 "benchmark's own)")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from gensynth.families import load_run_config
@@ -250,7 +284,7 @@ def main() -> int:
         wanted = set(args.families.split(","))
         chosen = [f for f in chosen if f[0] in wanted]
     budget_s = args.budget * 60
-    common = [f"train.threads={args.threads}", "train.eval_every=0"]
+    common = [f"train.threads={args.threads}", "train.eval_every=0", *args.sets]
     jobs = []  # (family, label, config, data, run name)
     for family, config, fewshot in chosen:
         jobs.append((family, "all 60000", config, train, f"{family}_full"))
@@ -258,9 +292,19 @@ def main() -> int:
             jobs.append((family, f"K = {k} per class", fewshot, k_set(train, work / "data", k), f"{family}_k{k}"))
     # 1. every generator on its CPU budget; concurrently (--parallel): CPU time, not wall time, is the budget
     print(f"== training {len(jobs)} generators, {args.budget:g} CPU-min each, {args.parallel} at a time", flush=True)
+    if not args.no_reference:
+        jobs.append((REFERENCE, "all 60000", None, train, "cdcgan_full"))
+
+    def train_job(job: tuple) -> dict:
+        family, _, config, data, name = job
+        if family == REFERENCE:
+            return train_reference(data, work / "synth" / name, budget_s, args.num, args.threads,
+                                   work / "logs" / f"{name}.log")
+        return train_generator(family, config, data, work / "runs" / name, budget_s, common, work / "logs",
+                               REPO / "configs")
+
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        trainings = list(pool.map(lambda j: train_generator(j[0], j[2], j[3], work / "runs" / j[4], budget_s,
-                                                            common, work / "logs", REPO / "configs"), jobs))
+        trainings = list(pool.map(train_job, jobs))
     # 2. generate and evaluate each (CAS on the full-data model; augmentation gain on the K-shot ones)
     rows, details = [], []
     for (family, label, _, data, name), training in zip(jobs, trainings):
@@ -268,7 +312,11 @@ def main() -> int:
               flush=True)
         synth = work / "synth" / name
         full = data == train
-        generate(str(work / "runs" / name), str(synth), num=args.num if full else args.num_k, seed=0, overwrite=True)
+        if family == REFERENCE:
+            synth = Path(training["synthetic"])  # bench/cdcgan.py sampled it at the end of its training
+        else:
+            generate(str(work / "runs" / name), str(synth), num=args.num if full else args.num_k, seed=0,
+                     overwrite=True)
         m = evaluate_synthetic(str(synth), test, train=train, report=str(work / "reports" / name),
                                cfg=cfg if full else dataclasses.replace(cfg, cas=False))
         rows.append(row(family, label, training, m))
@@ -279,7 +327,10 @@ def main() -> int:
         f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end; {args.threads} torch thread(s) per "
         f"process; torch {torch.__version__}; total wall {(time.monotonic() - started) / 60:.0f} min",
         f"generators: {args.budget:g} CPU-minutes of training each (process + loader workers, psutil), "
-        f"{args.num} samples generated (full data) / {args.num_k} (K-shot), seed 0",
+        f"{args.num} samples generated (full data) / {args.num_k} (K-shot), seed 0"
+        + (f"; training overrides {' '.join(args.sets)}" if args.sets else ""),
+        f"{REFERENCE}: bench/cdcgan.py, plain PyTorch (hinge, Adam 2e-4 (0.5, 0.999), batch 128, EMA 0.999), same "
+        "budget counted the same way" if not args.no_reference else f"{REFERENCE}: skipped (--no-reference)",
         f"extractor: SmallCNN, {extractor.config['protocol']['epochs']:g} epochs on {train}, "
         f"{100 * extractor.test_accuracy:.2f}% test accuracy ({extractor.folder})",
         f"FID / KID / precision-recall (k={cfg.pr_k}): {cfg.num} synthetic vs {cfg.num} real test images (same "
