@@ -6,7 +6,9 @@ PyTorch, trained on the same shards at the same CPU budget as gensynth's familie
 The recipe is the textbook one, kept plain on purpose (it is the bar gensynth's GAN must clear): a
 label embedding concatenated to z; a generator of transposed convolutions with batch norm; a
 spectral-norm discriminator with a projection head (Miyato & Koyama 2018); hinge loss; Adam 2e-4,
-betas (0.5, 0.999); batch 128; a generator EMA with decay 0.999. It imports no gensynth model; from
+betas (0.5, 0.999); batch 128; a generator EMA with decay 0.999, warmed up as TensorFlow's
+ExponentialMovingAverage does (min(0.999, (1 + t) / (10 + t)) at step t: without it the EMA of a
+few-hundred-step run is mostly its random initial weights). It imports no gensynth model; from
 gensynth it takes only reading shards (evaluate.sets) and writing them (data.ingest), so the samples
 land in a shard set that `gensynth eval` / evaluate_synthetic scores exactly like a family's.
 
@@ -139,9 +141,10 @@ def train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, budget_s
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
+        decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                p_ema.lerp_(p, 1 - 0.999)
+                p_ema.lerp_(p, 1 - decay)
             for b_ema, b in zip(G_ema.buffers(), G.buffers()):
                 b_ema.copy_(b)
         step += 1

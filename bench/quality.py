@@ -329,8 +329,9 @@ def main() -> int:
         f"generators: {args.budget:g} CPU-minutes of training each (process + loader workers, psutil), "
         f"{args.num} samples generated (full data) / {args.num_k} (K-shot), seed 0"
         + (f"; training overrides {' '.join(args.sets)}" if args.sets else ""),
-        f"{REFERENCE}: bench/cdcgan.py, plain PyTorch (hinge, Adam 2e-4 (0.5, 0.999), batch 128, EMA 0.999), same "
-        "budget counted the same way" if not args.no_reference else f"{REFERENCE}: skipped (--no-reference)",
+        f"{REFERENCE}: bench/cdcgan.py, plain PyTorch (hinge, Adam 2e-4 (0.5, 0.999), batch 128, EMA 0.999 with "
+        "warm-up), same budget counted the same way" if not args.no_reference
+        else f"{REFERENCE}: skipped (--no-reference)",
         f"extractor: SmallCNN, {extractor.config['protocol']['epochs']:g} epochs on {train}, "
         f"{100 * extractor.test_accuracy:.2f}% test accuracy ({extractor.folder})",
         f"FID / KID / precision-recall (k={cfg.pr_k}): {cfg.num} synthetic vs {cfg.num} real test images (same "
