@@ -269,7 +269,7 @@ def test_verdict_from_the_paired_gain_and_its_spread():
     copying = verdict(gain([0.03, 0.025, 0.035]), {"near_copy_fraction": 0.3, "real_floor_fraction": 0.02})
     assert copying["verdict"] == "helps" and "It copies: 30.0% of its samples are near-copies" in copying["advice"]
     skipped = verdict({"skipped": "no K set"})
-    assert skipped["verdict"] == "unknown" and "no K set" in skipped["line"]
+    assert skipped["verdict"] == "unknown" and skipped["advice"] == "No K set."
 
 
 def test_the_verdict_leads_the_report_and_the_summary(evaluated):
