@@ -1,7 +1,9 @@
 """Classic, free image augmentation for the usefulness classifiers: the honest real-only baseline.
 
-A team with K labelled images per class would not train on them bare: random shifts (zero padding
-and a random crop back to size), horizontal flips and cutout (DeVries & Taylor 2017) cost nothing.
+A team with K labelled images per class would not train on them bare: random shifts (padding by the
+edge pixels and a random crop back to size: the classifier's own translation; on images with black
+borders, as Fashion-MNIST's mostly are, about the same as zero padding), horizontal flips and cutout
+(DeVries & Taylor 2017) cost nothing.
 The synthetic set has to beat that, so the real samples of every usefulness classifier get them
 (eval.real_augment; bench/classic_aug.py measured which combination to use on Fashion-MNIST).
 
@@ -17,7 +19,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gensynth.errors import UsageError
 
@@ -26,7 +27,7 @@ PARTS = ("shift", "flip", "cutout")
 
 @dataclass(frozen=True)
 class ClassicAugment:
-    shift: int = 0  # zero-pad by this many pixels, then crop a random window of the original size (0 = off)
+    shift: int = 0  # translate by up to this many pixels, edges replicated: pad + random crop (0 = off)
     flip: bool = False  # mirror left-right with probability 1/2
     cutout: int = 0  # black out one square of this side at a random centre, clipped at the edges (0 = off)
 
@@ -55,7 +56,7 @@ class ClassicAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.shift:
-            images = pad_crop(images, self.shift, generator)
+            images = shift(images, self.shift, generator)
         if self.flip:
             images = random_flip(images, generator)
         if self.cutout:
@@ -63,14 +64,14 @@ class ClassicAugment:
         return images
 
 
-def pad_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad each side by `pad`, then crop each image at its own random offset in [0, 2 pad]."""
+def shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad each side by `pad` copies of the edge pixels, then crop each image at its own random offset: a
+    translation by up to `pad` pixels (classifier.random_shift's, here on uint8 before normalising)."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-    ys = offsets[:, :1] + torch.arange(h)[None, :]  # [n, h] rows of the padded image to keep
-    xs = offsets[:, 1:] + torch.arange(w)[None, :]
-    rows = padded.gather(2, ys[:, None, :, None].expand(-1, c, -1, w + 2 * pad))
+    offsets = torch.randint(-pad, pad + 1, (n, 2), generator=generator)
+    ys = (torch.arange(h)[None, :] - offsets[:, :1]).clamp(0, h - 1)  # [n, h] source row of each output row
+    xs = (torch.arange(w)[None, :] - offsets[:, 1:]).clamp(0, w - 1)
+    rows = images.gather(2, ys[:, None, :, None].expand(-1, c, -1, w))
     return rows.gather(3, xs[:, None, None, :].expand(-1, c, h, -1))
 
 

@@ -178,9 +178,10 @@ def verdict(augmentation: dict[str, Any], memorisation: dict[str, Any] | None = 
     copies = _copies(memorisation)
     rule = "helps: mean paired gain > 2 x its standard error over seeds; hurts: < -2 x; else neutral"
     if "gain" not in augmentation:
-        return {"verdict": "unknown", "line": f"UNKNOWN: augmentation gain not measured "
-                f"({augmentation.get('skipped')})", "advice": "Measure it with a generator trained only on K real "
-                "samples per class." + copies, "rule": rule}
+        why = str(augmentation.get("skipped", "not run"))
+        return {"verdict": "unknown", "line": "UNKNOWN: the augmentation gain was not measured, so nothing says "
+                "whether the set helps as training data.", "advice": why[0].upper() + why[1:] + "." + copies,
+                "rule": rule}
     gain, k, mix = augmentation["gain"], augmentation["k"], mix or {}
     n = len(gain["runs"])
     mean, se = gain["mean"], gain["std"] / n ** 0.5
