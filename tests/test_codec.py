@@ -23,7 +23,14 @@ from gensynth.data.codec import (
     png_scanlines,
 )
 from gensynth.data.stream import ShardLoader
-from gensynth.data.tario import CorruptShard, TarShardWriter, TruncatedShard, iter_members, iter_samples
+from gensynth.data.tario import (
+    CorruptShard,
+    TarShardWriter,
+    TruncatedShard,
+    iter_members,
+    iter_samples,
+    skip_samples,
+)
 
 
 def pixels(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -147,6 +154,43 @@ def test_reader_matches_tarfile_including_long_names(fmt):
     samples = list(iter_samples(io.BytesIO(data)))
     assert [k for k, _ in samples] == [f"{long_dir}/s-{i:03d}" for i in range(5)]
     assert all(set(fields) == {"cls", "png"} for _, fields in samples)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("skip", [0, 1, 3, 5, 9])
+def test_skipping_samples_by_their_headers_lands_where_reading_through_would(fmt, skip):
+    """A worker whose share starts inside a shard seeks past the samples before it (long names included)."""
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 80
+    members = [(f"{long_dir}/s-{i:03d}.{ext}", bytes([i]) * (i * 37 % 700)) for i in range(5) for ext in ("cls", "png")]
+    f = io.BytesIO(stdlib_tar(members, fmt))
+    assert skip_samples(f, skip) == min(skip, 5)
+    assert list(iter_samples(f)) == list(iter_samples(io.BytesIO(stdlib_tar(members, fmt))))[skip:]
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self, data: bytes):
+        self._f = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        chunk = self._f.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_skipping_needs_a_seekable_stream_and_a_damaged_header_still_fails():
+    data = stdlib_tar([(f"s-{i}.cls", b"%d" % i) for i in range(4)], tarfile.USTAR_FORMAT)
+    unseekable = io.BufferedReader(_Unseekable(data))
+    assert skip_samples(unseekable, 2) == 0  # nothing skipped: the caller reads through
+    assert [k for k, _ in iter_samples(unseekable)] == ["s-0", "s-1", "s-2", "s-3"]
+    damaged = bytearray(data)
+    damaged[512 + 1024 + 5] ^= 0xFF  # the second sample's header (after the directory entry)
+    with pytest.raises(CorruptShard):
+        skip_samples(io.BytesIO(bytes(damaged)), 3)
+    with pytest.raises(TruncatedShard):
+        skip_samples(io.BytesIO(data[:512 * 4]), 3)
 
 
 def test_seven_digit_checksum_field_is_accepted():

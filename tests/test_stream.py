@@ -241,9 +241,10 @@ def test_iterating_leaves_the_global_torch_rng_alone(uneven_shards, workers):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shards, monkeypatch):
-    """Small batches leave a worker several to a message, their images inside the pickle; large ones one
-    to a message through shared memory. Either way they arrive as the same writable tensors."""
+def test_batches_travel_grouped_in_a_slot_ring_inline_or_shared_and_arrive_the_same(uneven_shards, monkeypatch):
+    """Small batches leave a worker several to a message; the images go through the loader's ring of reused
+    shared slots, or (without fork) inside the pickle or, when large, as one shared-memory tensor. Every way
+    they arrive as the same writable tensors."""
     import gensynth.data.collate as collate
     import gensynth.data.stream as stream
 
@@ -252,16 +253,54 @@ def test_batches_travel_grouped_inline_or_shared_and_arrive_the_same(uneven_shar
     assert ShardLoader(folder, **kw).dataset.group == 8, "small batches travel eight to a message"
     message = next(iter(ShardLoader(folder, batch_size=8).dataset))
     assert isinstance(message["images"], np.ndarray) and message["sizes"] == [8]
+    ringed = list(ShardLoader(folder, **kw))
+    monkeypatch.setattr(collate.SlotRing, "usable", staticmethod(lambda: False))
     grouped = list(ShardLoader(folder, **kw))
     monkeypatch.setattr(stream, "GROUP_BYTES", 0)  # workers are forked: they see it too
     monkeypatch.setattr(collate, "SHARED_MESSAGE_BYTES", 0)
     assert ShardLoader(folder, **kw).dataset.group == 1
     assert isinstance(next(iter(ShardLoader(folder, batch_size=8).dataset))["images"], torch.Tensor)
     shared = list(ShardLoader(folder, **kw))
-    assert len(grouped) == len(shared) == 13
-    for a, b in zip(grouped, shared):
-        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-        assert a["image"].dtype == torch.uint8 and a["label"].dtype == torch.int64 and a["image"].is_contiguous()
-        assert list(a) == ["image", "label", "key", "meta"]
-        a["image"][:1] += 1  # writable, no warning
-        b["image"][:1] += 1
+    assert len(ringed) == len(grouped) == len(shared) == 13
+    for a, b, c in zip(ringed, grouped, shared):
+        assert a["key"] == b["key"] == c["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["label"], c["label"])
+        for batch in (a, b, c):
+            assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.int64
+            assert batch["image"].is_contiguous() and list(batch) == ["image", "label", "key", "meta"]
+            batch["image"][:1] += 1  # writable, no warning
+
+
+def test_batches_held_past_the_ring_stay_intact(tmp_path):
+    """A consumer that keeps every batch holds every slot: the workers then send images the other way
+    (no wait, no hang), and no held batch is overwritten by a later one."""
+    folder = tmp_path / "many"
+    write_shard_set(folder, [40, 40, 40])
+    kw = dict(batch_size=1, num_workers=2, shuffle_buffer=0, prefetch_factor=2)
+    loader = ShardLoader(str(folder), **kw)
+    assert 120 // loader.dataset.group > 2 * (2 + 1), "more messages than the workers' slots"
+    held = list(loader)
+    fresh = [(b["key"], b["image"].clone()) for b in ShardLoader(str(folder), **kw)]  # each dropped at once
+    assert [b["key"] for b in held] == [key for key, _ in fresh] and len(held) == 120
+    assert all(torch.equal(a["image"], image) for a, (_, image) in zip(held, fresh))
+
+
+def test_slot_ring_reuses_a_slot_once_its_images_are_freed():
+    import gc
+
+    from gensynth.data.collate import SlotRing
+
+    ring = SlotRing(workers=1, slots=2, slot_bytes=2 * 4)
+    images = [np.full((2, 1, 2, 2), i, dtype=np.uint8) for i in range(3)]
+    first, second = ring.put(0, [images[0]]), ring.put(0, [images[1][:1], images[1][1:]])
+    assert first[0] != second[0] and ring.put(0, [images[2]]) is None, "both slots busy: the caller sends it apart"
+    assert ring.put(0, [np.zeros((3, 1, 2, 2), np.uint8)]) is None, "too large for a slot"
+    kept = torch.from_numpy(ring.take(second))
+    taken = ring.take(first)
+    assert np.array_equal(taken, images[0]) and torch.equal(kept, torch.from_numpy(images[1]))
+    del taken
+    gc.collect()
+    third = ring.put(0, [images[2]])
+    assert third is not None and third[0] == first[0], "the freed slot is the one reused"
+    assert torch.equal(kept, torch.from_numpy(images[1])), "a slot still viewed is never written"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gensynth import storage
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gensynth.data.plan import Segment
-from gensynth.data.tario import CorruptShard, TruncatedShard, count_samples, iter_samples
+from gensynth.data.tario import CorruptShard, TruncatedShard, count_samples, iter_samples, skip_samples
 from gensynth.errors import UsageError
 
 log = logging.getLogger("gensynth")
@@ -85,6 +85,7 @@ class ShardReader:
         problem = "it holds fewer samples than its manifest entry"
         try:
             with storage.open_read(shard.url) as f:
+                pos = skip_samples(f, segs[0].start)  # headers only, up to the first planned sample
                 samples = iter_samples(f)
                 for key, fields in samples:
                     if pos >= segs[k].start:

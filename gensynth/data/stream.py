@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gensynth.data.codec import LabelSpec
-from gensynth.data.collate import BatchDecoder, pack_message, unpack_message
+from gensynth.data.collate import BatchDecoder, SlotRing, batch_tensors, pack_message, unpack_message
 from gensynth.data.elastic import check_group, decode_pool, encode_pool, remaining_pool, resampled_next_epoch
 from gensynth.data.plan import (
     Pool,
@@ -95,6 +95,7 @@ class ShardDataset(IterableDataset):
         self.skip = [0] * workers  # batches each worker already delivered (resume)
         self.pool: Pool | None = None  # the part of this epoch left to split (elastic resume); None: all of it
         self.group = 1  # batches per message from a worker (see __iter__); ShardLoader sets it
+        self.ring: SlotRing | None = None  # shared memory for the messages' images; ShardLoader makes it per epoch
 
     # -- plumbing
 
@@ -105,9 +106,14 @@ class ShardDataset(IterableDataset):
         worker = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # decode is numpy/zlib; don't oversubscribe the cores
-        batches = self._exact(worker) if self.mode == "exact" else self._resampled(worker)
+        batches = self.batches(worker)
+        ring = self.ring if info is not None else None
         while chunk := list(islice(batches, self.group)):
-            yield pack_message(chunk)
+            yield pack_message(chunk, ring, worker)
+
+    def batches(self, worker: int) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        """(delivery position, worker, corrupt so far, batch of numpy arrays) of one worker, in its order."""
+        return self._exact(worker) if self.mode == "exact" else self._resampled(worker)
 
     def _samples(self, reader: ShardReader, segments: list[Segment], epoch: int,
                  worker: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
@@ -289,21 +295,14 @@ class ShardLoader(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.skip = list(self._delivered)
-        # Our own generator: creating an iterator must not draw from the global torch RNG, or a resumed
-        # run (RNG restored from a checkpoint) would sample different noise than an uninterrupted one.
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, worker_init_fn=_worker_init if self.num_workers else None,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.dataset.seed))
         next_pos = sum(self._delivered) if self.mode == "exact" else None
         pending: dict[int, tuple[int, int, dict[str, Any]]] = {}
         if self.mode == "resampled":
             # Endless: delivery position j*K + k; resume continues at the smallest undelivered one.
             k_workers = len(self._delivered)
             next_pos = min(self._delivered[k] * k_workers + k for k in range(k_workers))
-        for message in loader:
-            for pos, worker, corrupt, batch in unpack_message(message):
-                pending[pos] = (worker, corrupt, batch)
+        for pos, worker, corrupt, batch in self._batches():
+            pending[pos] = (worker, corrupt, batch)
             while next_pos in pending:
                 worker, corrupt, batch = pending.pop(next_pos)
                 self._delivered[worker] += 1
@@ -318,6 +317,29 @@ class ShardLoader(IterableDataset):
         # exact mode: the epoch is complete; the next iteration starts the next epoch
         self.set_epoch(self.dataset.epoch + 1)
         self._corrupt_by_worker = [0] * len(self._corrupt_by_worker)
+
+    def _batches(self) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        """Every worker's batches (tensors) as they arrive: (delivery position, worker, corrupt so far, batch)."""
+        if not self.num_workers:  # in this process: no DataLoader, no messages
+            for pos, worker, corrupt, batch in self.dataset.batches(0):
+                yield pos, worker, corrupt, batch_tensors(batch)
+            return
+        ring = None
+        if self.image_shape is not None and self.dataset.decode.with_image and SlotRing.usable():
+            slot_bytes = self.dataset.group * self.batch_size * int(np.prod(self.image_shape))
+            ring = SlotRing(self.num_workers, self.prefetch_factor + 1, slot_bytes)  # the most a worker has in flight
+        self.dataset.ring = ring  # the workers fork with it
+        # Our own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+        # run (RNG restored from a checkpoint) would sample different noise than an uninterrupted one.
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                            pin_memory=self.pin_memory, worker_init_fn=_worker_init,
+                            prefetch_factor=self.prefetch_factor,
+                            generator=torch.Generator().manual_seed(self.dataset.seed))
+        try:
+            for message in loader:
+                yield from unpack_message(message, ring)
+        finally:
+            self.dataset.ring = None
 
     def _identity(self) -> dict[str, Any]:
         """What must not change for a saved position to mean the same samples."""

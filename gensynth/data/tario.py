@@ -17,6 +17,7 @@ from typing import IO
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # type flags of regular files
 # The most bytes one sample (all its members, headers included) may hold. A sample is one training
 # example (a 28x28 PNG is under 1 kB; a 4096x4096 RGBA image, 64 MiB raw, is far beyond what gensynth
 # trains on), so a header that claims more is damage or a crafted file, never read into memory.
@@ -60,6 +61,40 @@ def _size(header: bytes) -> int:
         return _octal(header[124:136])
 
 
+def _checked_size(header: bytes) -> int:
+    """The member size a header claims, after its checksum and bounds are checked (CorruptShard if not)."""
+    if not _checksum_ok(header):
+        raise CorruptShard("tar header checksum mismatch")
+    try:
+        size = _size(header)
+    except ValueError:
+        raise CorruptShard("tar header has an unreadable size field") from None
+    if not 0 <= size <= MAX_SAMPLE_BYTES:
+        raise CorruptShard(f"tar header of {_header_name(header)!r} claims {size} bytes; a member holds "
+                           f"0..{MAX_SAMPLE_BYTES} (the most one sample may hold)")
+    return size
+
+
+def _member_name(header: bytes, data: bytes, size: int, pending_name: str | None) -> tuple[str | None, str | None]:
+    """(the name of a regular file member or None, the long name the next member takes from a pax/GNU header)."""
+    kind = header[156:157]
+    try:
+        if kind in _REGULAR:
+            if pending_name is not None:
+                return pending_name, None
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            if header[257:262] == b"ustar" and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+            return name, None
+        if kind == b"x":
+            return None, _pax_path(data[:size]) or pending_name
+        if kind == b"L":
+            return None, data[:size].split(b"\0", 1)[0].decode("utf-8")
+    except ValueError as e:  # a name that is not UTF-8, pax records that do not parse
+        raise CorruptShard(f"tar header of {_header_name(header)!r} is unreadable: {e}") from None
+    return None, pending_name  # directories, links, global pax headers: nothing to yield
+
+
 def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular file in the tar stream, in order.
 
@@ -73,37 +108,63 @@ def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             raise TruncatedShard("stream ended before the end-of-archive marker")
         if header == _ZERO_BLOCK:
             return
-        if not _checksum_ok(header):
-            raise CorruptShard("tar header checksum mismatch")
-        try:
-            size = _size(header)
-        except ValueError:
-            raise CorruptShard("tar header has an unreadable size field") from None
-        if not 0 <= size <= MAX_SAMPLE_BYTES:
-            raise CorruptShard(f"tar header of {_header_name(header)!r} claims {size} bytes; a member holds "
-                               f"0..{MAX_SAMPLE_BYTES} (the most one sample may hold)")
-        kind = header[156:157]
+        size = _checked_size(header)
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         data = read(padded)
         if len(data) < padded:
             raise TruncatedShard("stream ended inside a member")
-        name = None
-        try:
-            if kind in (b"0", b"\0", b"7"):
-                if pending_name is not None:
-                    name, pending_name = pending_name, None
-                else:
-                    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                    if header[257:262] == b"ustar" and header[345] != 0:
-                        name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-            elif kind == b"x":
-                pending_name = _pax_path(data[:size]) or pending_name
-            elif kind == b"L":
-                pending_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
-        except ValueError as e:  # a name that is not UTF-8, pax records that do not parse
-            raise CorruptShard(f"tar header of {_header_name(header)!r} is unreadable: {e}") from None
-        if name is not None:  # directories, links, global pax headers: nothing to yield
+        if pending_name is None and header[156:157] in _REGULAR and (header[345] == 0 or header[257:262] != b"ustar"):
+            try:  # the usual member (no long name, no prefix), inline: this loop runs for every member
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            except ValueError as e:
+                raise CorruptShard(f"tar header of {_header_name(header)!r} is unreadable: {e}") from None
+        else:
+            name, pending_name = _member_name(header, data, size, pending_name)
+        if name is not None:
             yield name, data[:size] if size != padded else data
+
+
+def skip_samples(f: IO[bytes], count: int) -> int:
+    """Pass over the first `count` samples of a tar stream, reading only their headers (checked) where `f`
+    can seek, and leave `f` at the first header of the next sample. Returns the samples passed over: fewer
+    at the end of the archive, none when `f` cannot seek (the caller then reads through them). A loader
+    worker whose share starts inside a shard starts there without reading the data before it."""
+    if count <= 0 or not f.seekable():
+        return 0
+    seek = f.seek
+    offset = f.tell()
+    group_start = offset  # where the current member's headers begin (a pax header comes first)
+    pending_name: str | None = None
+    key: str | None = None
+    passed = -1  # samples begun so far, minus one
+    while True:
+        header = f.read(BLOCK)
+        if len(header) < BLOCK:
+            raise TruncatedShard("stream ended before the end-of-archive marker")
+        if header == _ZERO_BLOCK:
+            seek(offset)  # the reader after us sees the end marker
+            return passed + 1
+        size = _checked_size(header)
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if header[156:157] in (b"x", b"L"):  # long names: their data is needed
+            data = f.read(padded)
+            if len(data) < padded:
+                raise TruncatedShard("stream ended inside a member")
+        else:
+            data = b""
+            seek(padded, 1)
+        name, pending_name = _member_name(header, data, size, pending_name)
+        offset += BLOCK + padded
+        if name is None:
+            continue
+        dot = name.find(".", name.rfind("/") + 1)  # the key rule of iter_samples
+        k = name[:dot] if dot >= 0 else name
+        if k != key:
+            key, passed = k, passed + 1
+            if passed == count:
+                seek(group_start)
+                return count
+        group_start = offset
 
 
 def _header_name(header: bytes) -> str:
