@@ -61,6 +61,8 @@ class BatchDecoder:
         self.transform = transform  # per sample, in the worker: (HxWxC uint8 image, label) -> image of that shape
         self.arrays = arrays or {}  # name -> {"field", "dtype", "shape"} from the manifest's schema
         self.num_classes = num_classes  # labels must be 0..num_classes-1 (None: the set has no labels)
+        # the cls bytes of every valid label, as written: one dict look-up per sample instead of a parse and check
+        self.known_labels = {b"%d" % i: i for i in range(num_classes if num_classes and num_classes <= 1 << 16 else 0)}
         self.with_image = with_image
         self.decode_meta = decode_meta
 
@@ -83,7 +85,7 @@ class BatchDecoder:
         resize, label_spec, transform = self.resize, self.label, self.transform
         shape = self.image_shape  # (H, W, C) from the manifest; without one, the first image sets it
         decode_meta = self.decode_meta
-        num_classes = self.num_classes
+        num_classes, known_labels = self.num_classes, self.known_labels
         for shard, key, fields in raw:  # the loop runs per sample: kept lean on purpose
             try:
                 item: Any = None
@@ -125,8 +127,12 @@ class BatchDecoder:
                     if spec["field"] not in fields:
                         raise DecodeError(f"no {spec['field']} field (has {', '.join(sorted(fields)) or 'nothing'})")
                     decoded[name] = decode_array(fields[spec["field"]], spec["dtype"], spec["shape"])
-                label = (decode_label(fields.get("cls"), num_classes) if label_spec is None
-                         else label_spec.read(fields, num_classes))
+                if label_spec is None:
+                    label = known_labels.get(fields.get("cls"))
+                    if label is None:  # any other bytes: parsed, checked, refused with the reason
+                        label = decode_label(fields.get("cls"), num_classes)
+                else:
+                    label = label_spec.read(fields, num_classes)
                 meta = _json_decode(fields["json"].decode("utf-8")) if decode_meta and "json" in fields else None
                 if transform is not None and kind != "none":
                     item = _transformed(transform, _as_image(kind, item, shape), label)

@@ -108,13 +108,20 @@ def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             raise TruncatedShard("stream ended before the end-of-archive marker")
         if header == _ZERO_BLOCK:
             return
-        size = _checked_size(header)
+        if not _checksum_ok(header):  # _checked_size's checks, inline: this loop runs for every member
+            raise CorruptShard("tar header checksum mismatch")
+        try:
+            size = _size(header)
+        except ValueError:
+            raise CorruptShard("tar header has an unreadable size field") from None
+        if not 0 <= size <= MAX_SAMPLE_BYTES:
+            _checked_size(header)  # raises with the message
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         data = read(padded)
         if len(data) < padded:
             raise TruncatedShard("stream ended inside a member")
         if pending_name is None and header[156:157] in _REGULAR and (header[345] == 0 or header[257:262] != b"ustar"):
-            try:  # the usual member (no long name, no prefix), inline: this loop runs for every member
+            try:  # the usual member (no long name, no prefix), inline
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8")
             except ValueError as e:
                 raise CorruptShard(f"tar header of {_header_name(header)!r} is unreadable: {e}") from None
