@@ -70,6 +70,7 @@ bench: setup
 	$(BIN)/python bench/generate.py --json bench/results/generate.json
 	$(BIN)/python bench/generate.py --fast --json bench/results/generate_fast.json
 	$(BIN)/python bench/scale.py --json bench/results/scale.json
+	$(BIN)/python bench/finalize.py --json bench/results/finalize.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
 
 # Its own venv: torch from the package index (its CUDA build), not the CPU pin of constraints.txt.

@@ -386,3 +386,14 @@ def test_diffaugment_names_the_config_allows_are_the_ones_implemented():
     from gensynth.families.gan.augment import POLICIES
 
     assert tuple(POLICIES) == DIFFAUGMENT_POLICIES
+
+
+def test_minibatch_std_groups_never_mix_the_real_and_fake_halves():
+    """The GAN's discriminator sees real and fake images in one batch, one half each: a group holding both
+    would hide that the fakes lack variety."""
+    from gensynth.models.dcgan import MinibatchStd
+
+    real, fake = torch.randn(8, 4, 4, 4), torch.full((8, 4, 4, 4), 0.5)  # fakes without any variety
+    std = MinibatchStd(4)(torch.cat([real, fake]))[:, -1, 0, 0]
+    assert torch.all(std[8:] < 1e-3), "a fake's group held real images"
+    assert torch.all(std[:8] > 0.1)

@@ -242,6 +242,19 @@ def test_ranks_end_identical_having_seen_different_data(toy_data, tmp_path, mach
     assert r0["samples_seen"] == r1["samples_seen"] == 12 * 8
 
 
+@pytest.mark.multiprocess
+def test_ema_agrees_across_ranks_whose_last_batches_differ(toy_data, tmp_path):
+    """Exact mode: 103 samples over 2 ranks end each epoch with batches of 4 and 3 images; the generator EMA
+    steps by the images of all ranks, so both ranks still hold the same weights, EMA included."""
+    config = tiny_config(tmp_path, toy_data, data__mode="exact", train__steps=8, train__checkpoint_every=8)
+    results = run_launches([launch_cmd(config, port=free_port())])
+    assert results[0].returncode == 0, results[0].stdout[-4000:]
+    last = latest_checkpoint(run_dir(config) / "checkpoints")
+    r0, r1 = rank_state(last, 0), rank_state(last, 1)
+    assert r0["samples_seen"] != r1["samples_seen"], "the ranks' batches should have differed"
+    assert r0["params_digest"] == r1["params_digest"], "the ranks' generator EMAs diverged"
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []

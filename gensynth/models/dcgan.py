@@ -81,7 +81,12 @@ class Generator(nn.Module):
 
 class MinibatchStd(nn.Module):
     """Append the mean standard deviation over groups of samples as one more feature map, so the
-    discriminator can see a batch that lacks variety (Karras et al. 2018, ProGAN)."""
+    discriminator can see a batch that lacks variety (Karras et al. 2018, ProGAN).
+
+    A group is `group` CONSECUTIVE samples (ProGAN strides them, which is the same when real and fake
+    batches go through apart): the GAN trainer sends real and fake images in one forward, one half each,
+    and a group that held both would give real and fake images one shared statistic, blind to the fakes'
+    variety. With halves that are a multiple of the group size (every full batch) no group straddles."""
 
     def __init__(self, group: int = 4):
         super().__init__()
@@ -90,9 +95,9 @@ class MinibatchStd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         g = math.gcd(self.group, n)
-        y = x.reshape(g, n // g, c, h, w)
-        std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [n // g]
-        std = std.repeat(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+        y = x.reshape(n // g, g, c, h, w)
+        std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [n // g]
+        std = std.repeat_interleave(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
         return torch.cat([x, std], dim=1)
 
 

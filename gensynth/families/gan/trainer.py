@@ -1,10 +1,11 @@
 """The GAN family's step: a class-conditional DCGAN (gensynth/models/dcgan.py) trained with hinge or
 non-saturating loss, optional lazy R1 and DiffAugment, TTUR learning rates and a generator EMA.
 
-One call of `train_step` is one micro-batch: a discriminator update on real + fake images in ONE
-forward (so DDP sees one forward per backward), then a generator update through the raw
-discriminator with its gradients off (so D's DDP reducer is not involved in the G phase). Under
-gradient accumulation both models accumulate and step together on the last micro-batch.
+One call of `train_step` is one micro-batch: ONE generator forward, whose fakes serve both updates; a
+discriminator update on real + fake (detached) images in ONE forward (so DDP sees one forward per
+backward), then the generator update through the raw discriminator with its gradients off (so D's DDP
+reducer is not involved in the G phase). Under gradient accumulation both models accumulate and step
+together on the last micro-batch.
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ class GANTrainer(Trainer):
         acc, g = self.accelerator, self.cfg.gan
         n = real.shape[0]
         with acc.accumulate(self.G, self.D):
-            # -- discriminator: real and fake in one forward
-            with torch.no_grad(), acc.autocast():
+            # one generator forward per step: its fakes, detached, train D; then, through D, G itself
+            with acc.autocast():
                 fake = self.G(torch.randn(n, g.z_dim, device=real.device), labels)
+            # -- discriminator: real and fake in one forward (MinibatchStd groups stay inside each half)
             r1_now = g.r1_gamma > 0 and step % g.r1_interval == 0
             real_in = real.detach().requires_grad_(r1_now)
-            x = torch.cat([real_in, fake.to(real.dtype)])
+            x = torch.cat([real_in, fake.detach().to(real.dtype)])
             if self.policy:
                 x = diff_augment(x, self.policy)
             with acc.autocast():
@@ -85,7 +87,6 @@ class GANTrainer(Trainer):
             # -- generator: through the raw discriminator, whose gradients are off
             self.D_raw.requires_grad_(False)
             with acc.autocast():
-                fake = self.G(torch.randn(n, g.z_dim, device=real.device), labels)
                 x = diff_augment(fake, self.policy) if self.policy else fake
                 g_loss = g_loss_fn(g.loss, self.D_raw(x, labels).float())
             acc.backward(g_loss)
@@ -96,7 +97,9 @@ class GANTrainer(Trainer):
         if r1 is not None:
             metrics["loss/r1"] = r1.detach()
         if acc.sync_gradients:
-            global_batch = n * acc.num_processes * acc.gradient_accumulation_steps
+            # every rank's images (their batches can differ: exact mode's last one), so all ranks' EMAs agree
+            images = acc.reduce(torch.tensor(n, device=real.device), "sum") if acc.num_processes > 1 else n
+            global_batch = int(images) * acc.gradient_accumulation_steps
             metrics["ema/beta"] = torch.tensor(self.ema.update(acc.unwrap_model(self.G), global_batch))
             metrics["grad_norm/d"], metrics["grad_norm/g"] = d_norm, g_norm
         nonfinite = not bool(torch.isfinite(d_loss.detach()) & torch.isfinite(g_loss.detach()))
