@@ -140,6 +140,29 @@ def test_two_processes_write_the_same_shards_as_one(tiny_gan, tmp_path):
     assert tree(tmp_path / "one") == tree(tmp_path / "two")
 
 
+def test_writer_processes_write_the_same_shards_as_one_process(tiny_gan, tmp_path):
+    """--writers N: shards encoded and written by N forked processes while the model draws the next ones; the
+    per-shard determinism makes the set byte for byte the one a single process writes."""
+    common = ["--num", "130", "--shard-size", "20", "--seed", "3"]
+    assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "one"), *common, "--writers", "1"]) == 0
+    assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "three"), *common, "--writers", "3"]) == 0
+    assert tree(tmp_path / "one") == tree(tmp_path / "three")
+
+
+def test_a_writer_process_that_dies_is_said_in_one_line_and_a_rerun_finishes(tiny_gan, tmp_path):
+    out = tmp_path / "crashed"
+    args = ["generate", str(tiny_gan), str(out), "--num", "130", "--shard-size", "20", "--writers", "2"]
+    crashed = subprocess.run([sys.executable, "-m", "gensynth", *args],
+                             env=subprocess_env(GENSYNTH_FAULT="generate.write"),
+                             capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert "a shard writer process died" in crashed.stderr and "Traceback" not in crashed.stderr
+    assert not (out / "manifest.json").exists()
+    rerun = gensynth("-q", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_manifest(str(out)).num_samples == 130 and verify_shards(str(out), read_manifest(str(out))) == []
+
+
 def test_array_tasks_then_finalize_equal_one_run(tiny_gan, tmp_path, capsys):
     common = ["--num", "130", "--shard-size", "20", "--seed", "2"]
     assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "one"), *common]) == 0
@@ -288,9 +311,10 @@ def test_kill9_mid_run_then_rerun_equals_an_uninterrupted_run(medium_gan, tmp_pa
     assert tree(out) == tree(tmp_path / "reference")
 
 
-def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan, tmp_path):
+@pytest.mark.parametrize("writers", ["1", "3"])
+def test_sigterm_finishes_the_shard_in_progress_and_exits_for_requeue(medium_gan, tmp_path, writers):
     out = tmp_path / "stopped"
-    args = ["--num", "6000", "--shard-size", "200", "--seed", "4"]
+    args = ["--num", "6000", "--shard-size", "200", "--seed", "4", "--writers", writers]
     proc = subprocess.Popen([sys.executable, "-m", "gensynth", "generate", str(medium_gan), str(out), *args],
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT_S

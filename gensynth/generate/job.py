@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import os
+import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ from gensynth.generate.plan import SPLIT, Job, build_job, interleaved_labels, my
 from gensynth.generate.shards import (
     RECEIPT_FOLDERS,
     RECEIPTS,
+    SetInfo,
     draw_shard,
     move_old_receipts,
     read_receipt,
@@ -37,7 +44,7 @@ from gensynth.generate.shards import (
 )
 from gensynth.progress import progress
 from gensynth.runtime.ranks import rank_world
-from gensynth.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
+from gensynth.runtime.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
 
 log = logging.getLogger("gensynth")
 
@@ -225,11 +232,16 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     log.info("generating %d of %d shards (%d samples each, worker %d of %d) from a %s export into %s",
              len(mine), job.num_shards, job.shard_size, worker, workers, sampler.family, out)
     start = time.perf_counter()
-    # On a GPU, draw shard k+1 while a thread encodes and writes shard k. On the CPU the model's threads
-    # already use every core, and a writer thread beside them stalls their parallel regions: write inline.
-    overlap = sampler.device.type == "cuda"
-    with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer:
-        pending: Future | None = None
+    info = SetInfo.of(sampler)
+    on_gpu = sampler.device.type == "cuda"
+    writers = opts.writers or ((os.cpu_count() or 1) if on_gpu else 1)
+    # With writer processes, each encodes and writes whole shards on its own core while the model draws the
+    # next. With one writer on a GPU, a thread encodes and writes shard k while shard k+1 is drawn. On the CPU
+    # the model's threads already use every core, and a writer beside them stalls their parallel regions.
+    overlap = on_gpu
+    with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer, \
+            writer_processes(writers) as pool:
+        pending: deque[Future] = deque()
         for k in progress(mine, total=len(mine), desc="generate", unit="shards"):
             if stop.requested:
                 break
@@ -238,15 +250,21 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                 continue
             images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
             soft = None if teacher is None else teacher.probabilities(torch.from_numpy(images).permute(0, 3, 1, 2))
-            if pending is not None:
-                result.add(pending.result())
-                pending = None
+            if pool is not None:  # each writer holds one shard; one more waits, drawn
+                pending.append(pool.submit(write_shard, info, job, k, images, shard_labels, scores, dropped, out,
+                                           soft, 1))
+                while len(pending) > writers:
+                    result.add(pending.popleft().result())
+                continue
+            while pending:
+                result.add(pending.popleft().result())
             if overlap:
-                pending = writer.submit(write_shard, sampler, job, k, images, shard_labels, scores, dropped, out, soft)
+                pending.append(writer.submit(write_shard, info, job, k, images, shard_labels, scores, dropped, out,
+                                             soft))
             else:
-                result.add(write_shard(sampler, job, k, images, shard_labels, scores, dropped, out, soft))
-        if pending is not None:
-            result.add(pending.result())
+                result.add(write_shard(info, job, k, images, shard_labels, scores, dropped, out, soft))
+        while pending:
+            result.add(pending.popleft().result())
     result.seconds = time.perf_counter() - start
     if stop.requested:
         raise GenerationStopped(f"stopped by {stop.name} after {result.generated} new shards ({result.skipped} "
@@ -259,6 +277,29 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     return result
+
+
+def _writer_process_init() -> None:
+    torch.set_num_threads(1)
+    for sig in (*STOP_SIGNALS, signal.SIGINT):  # the job decides when to stop; a writer finishes its shard
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def writer_processes(writers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `writers` forked processes that encode and write shards (None for one writer: this process)."""
+    if writers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(max_workers=writers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_writer_process_init)
+    try:
+        yield pool
+    except BrokenProcessPool:
+        raise GensynthError("a shard writer process died (killed, or out of memory); every finished shard is "
+                            "kept: rerun the same command to finish the rest (or use --writers 1)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _process_group(world: int) -> bool:

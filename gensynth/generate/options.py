@@ -30,6 +30,9 @@ class GenerateOptions:
     temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
     top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")
     device: str = option("auto", "where to run the model", choices=("auto", "cpu", "cuda"))
+    writers: int = option(0, "processes that encode and write shards while the model draws the next ones (0: every "
+                          "core when the model runs on a GPU, whose sampling outruns one core's PNG encoding; 1 on "
+                          "the CPU, where the model's own threads use the cores)", min=0)
     filter_threshold: float | None = option(
         None, "keep only samples that a classifier gives their label with probability >= FILTER_THRESHOLD (0.9 when "
         "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)

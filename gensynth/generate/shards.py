@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -65,32 +65,45 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
     return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
 
 
-def write_shard(sampler: Sampler, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
+@dataclass(frozen=True)
+class SetInfo:
+    """What writing a shard needs to know of the model (not the model: a writer process gets this)."""
+
+    family: str
+    classes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sampler: Sampler) -> SetInfo:
+        return cls(sampler.family, tuple(sampler.classes))
+
+
+def write_shard(info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
                 scores: np.ndarray | None, dropped: np.ndarray, out: str,
-                soft: np.ndarray | None = None) -> dict[str, Any]:
+                soft: np.ndarray | None = None, encode_threads: int | None = None) -> dict[str, Any]:
     """Encode shard k, publish it whole, then its receipt (which carries the shard's schema, for the
     manifest); return the receipt. `soft`: the --relabel teacher's probabilities (float32 [n, classes]),
-    stored as each sample's soft.npy; without it the shard is what it always was."""
+    stored as each sample's soft.npy; without it the shard is what it always was. `encode_threads`: PNG
+    encoding threads (default every core; 1 in a writer process, where the processes share the cores)."""
     lo, _ = job.shard_range(k)
-    meta_common = {"family": sampler.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
+    meta_common = {"family": info.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
                    "shard": k, "options": job.options}
-    encoded = encode_images(images, job.encoding)  # every core; the bytes of encoding one by one
+    encoded = encode_images(images, job.encoding, encode_threads)  # the bytes of encoding one by one
     with ShardSetWriter(out, SPLIT, shard_size=len(labels), encoding=job.encoding, first_index=k) as writer:
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             if i == len(labels) // 2:
                 crash_point("generate.write")  # the shard's temporary file is half written
-            meta = {**meta_common, "index": lo + i, "class": sampler.classes[label]}
+            meta = {**meta_common, "index": lo + i, "class": info.classes[label]}
             if scores is not None:
                 meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
             writer.add(job.key(lo + i), image, label, meta, None if soft is None else {SOFT_ARRAY: soft[i]},
                        encoded[i])
         writer.end_shard()
-    info = writer.shards[0]
-    counts = np.bincount(labels, minlength=sampler.num_classes)
-    receipt = {**asdict(info), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
+    written = writer.shards[0]
+    counts = np.bincount(labels, minlength=len(info.classes))
+    receipt = {**asdict(written), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
                "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint(),
                "schema": writer.schema()}
-    storage.write_bytes(receipt_url(out, info.name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
+    storage.write_bytes(receipt_url(out, written.name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
     return receipt
 
 
