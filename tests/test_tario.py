@@ -48,3 +48,17 @@ def test_header_limits_are_errors():
         ustar_header("x" * 101, 1)
     with pytest.raises(ValueError, match="must not contain a dot"):
         TarShardWriter(io.BytesIO()).write("a.b", {"png": b""})
+
+
+@pytest.mark.parametrize("score", [None, 0.123457, 1.0, 1e-07, float("nan")])
+def test_a_shards_meta_template_writes_the_bytes_of_json_dumps(score):
+    """Generation encodes the fields a shard's samples share once: the bytes stay those of meta_json."""
+    from gensynth.data.writer import MetaTemplate, meta_json
+
+    shared = {"family": "gan", "export_sha256": "ab" * 32, "seed": 7, "shard": 3,
+              "options": {"truncation": 0.7, "top_k": None, "nested": {"b": [1, 2.5, "x"], "a": True}}}
+    varying = ("index", "class") if score is None else ("index", "class", "score")
+    template = MetaTemplate(shared, varying)
+    for index, name in [(0, "T-shirt/top"), (123456789, "Sandale \u00e9t\u00e9 \"x\"\\"), (5, "")]:
+        values = {"index": index, "class": name} if score is None else {"index": index, "class": name, "score": score}
+        assert template(values) == meta_json({**shared, **values})

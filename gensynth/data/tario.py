@@ -237,21 +237,25 @@ def _ustar_template() -> tuple[bytes, int]:
 _USTAR_TEMPLATE, _USTAR_TEMPLATE_SUM = _ustar_template()
 
 
+_HEADER_OWNER = _USTAR_TEMPLATE[100:124]  # the template's fields between the name and the size...
+_HEADER_MTIME = _USTAR_TEMPLATE[124 + 12:148]  # ...between the size and the checksum...
+_HEADER_REST = _USTAR_TEMPLATE[156:]  # ...and after the checksum
+
+
 def ustar_header(name: str, size: int) -> bytes:
     """The 512-byte ustar header of a regular file, exactly as `tarfile` writes it for our members (mode
     0444, owner 0, mtime 0, empty user/group names), built from a template: the checksum is the template's
-    sum plus the bytes of the name and size, so a header costs two short sums instead of 512 bytes' worth."""
+    sum plus the bytes of the name and size, so a header costs two short sums and one join instead of 512
+    bytes' worth."""
     encoded = name.encode("utf-8")
     if len(encoded) > 100:
         raise ValueError(f"member name {name!r} is longer than 100 bytes")
     if size >= 8**11:
         raise ValueError(f"member {name!r} is {size} bytes, more than a ustar header can hold")
     size_field = b"%011o\0" % size
-    header = bytearray(_USTAR_TEMPLATE)
-    header[0:len(encoded)] = encoded
-    header[124:136] = size_field
-    header[148:156] = b"%06o\0 " % (_USTAR_TEMPLATE_SUM + sum(encoded) + sum(size_field))
-    return bytes(header)
+    checksum = b"%06o\0 " % (_USTAR_TEMPLATE_SUM + sum(encoded) + sum(size_field))
+    return b"".join((encoded, _ZERO_BLOCK[:100 - len(encoded)], _HEADER_OWNER, size_field, _HEADER_MTIME, checksum,
+                     _HEADER_REST))
 
 
 RECORD = 20 * BLOCK  # tarfile pads an archive to a multiple of its record size
@@ -273,16 +277,15 @@ class TarShardWriter:
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} must not contain a dot")
-        size = sum(BLOCK + len(data) for data in fields.values())
-        if size > MAX_SAMPLE_BYTES:  # the reader would refuse it (see iter_samples)
-            raise ValueError(f"sample {key!r} holds {size} bytes, more than the {MAX_SAMPLE_BYTES} one sample may hold")
         parts = []  # one write per sample: the file below may hash and count every call
+        size = 0
         for ext in sorted(fields):
             data = fields[ext]
-            parts.append(ustar_header(f"{key}.{ext}", len(data)))
-            parts.append(data)
-            if len(data) % BLOCK:
-                parts.append(_ZERO_BLOCK[:BLOCK - len(data) % BLOCK])
+            n = len(data)
+            parts += (ustar_header(f"{key}.{ext}", n), data, _ZERO_BLOCK[:-n % BLOCK])
+            size += BLOCK + n
+        if size > MAX_SAMPLE_BYTES:  # the reader would refuse it (see iter_samples)
+            raise ValueError(f"sample {key!r} holds {size} bytes, more than the {MAX_SAMPLE_BYTES} one sample may hold")
         self._put(b"".join(parts))
         self.count += 1
 

@@ -13,7 +13,7 @@ import torch
 
 from gensynth import storage
 from gensynth.data.codec import SOFT_ARRAY, encode_images
-from gensynth.data.writer import ShardSetWriter
+from gensynth.data.writer import MetaTemplate, ShardSetWriter
 from gensynth.errors import GensynthError
 from gensynth.evaluate.filter import SampleFilter
 from gensynth.families.sampling import Sampler
@@ -88,14 +88,15 @@ def write_shard(info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.
     meta_common = {"family": info.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
                    "shard": k, "options": job.options}
     encoded = encode_images(images, job.encoding, encode_threads)  # the bytes of encoding one by one
+    meta = MetaTemplate(meta_common, ("index", "class") if scores is None else ("index", "class", "score"))
     with ShardSetWriter(out, SPLIT, shard_size=len(labels), encoding=job.encoding, first_index=k) as writer:
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             if i == len(labels) // 2:
                 crash_point("generate.write")  # the shard's temporary file is half written
-            meta = {**meta_common, "index": lo + i, "class": info.classes[label]}
+            values = {"index": lo + i, "class": info.classes[label]}
             if scores is not None:
-                meta["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
-            writer.add(job.key(lo + i), image, label, meta, None if soft is None else {SOFT_ARRAY: soft[i]},
+                values["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
+            writer.add(job.key(lo + i), image, label, meta(values), None if soft is None else {SOFT_ARRAY: soft[i]},
                        encoded[i])
         writer.end_shard()
     written = writer.shards[0]
