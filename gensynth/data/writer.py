@@ -152,7 +152,8 @@ class ShardSetWriter:
                                  f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x"
                                  f"{self.image_shape[2]} (one size per shard set)")
             fields[self.encoding] = encode_image(image, self.encoding) if encoded is None else encoded
-        fields.update(self._array_fields(key, arrays or {}))
+        if arrays or self.arrays != {}:  # (a set known to have no arrays and a sample without: nothing to check)
+            fields.update(self._array_fields(key, arrays or {}))
         if not fields:
             raise ValueError(f"sample {key}: needs an image or at least one array")
         if self.labelled is None:
