@@ -108,14 +108,12 @@ def iter_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             raise TruncatedShard("stream ended before the end-of-archive marker")
         if header == _ZERO_BLOCK:
             return
-        if not _checksum_ok(header):  # _checked_size's checks, inline: this loop runs for every member
-            raise CorruptShard("tar header checksum mismatch")
-        try:
+        try:  # _checked_size's checks with no call on the good path: this loop runs for every member
             size = _size(header)
         except ValueError:
-            raise CorruptShard("tar header has an unreadable size field") from None
-        if not 0 <= size <= MAX_SAMPLE_BYTES:
-            _checked_size(header)  # raises with the message
+            size = -1
+        if not 0 <= size <= MAX_SAMPLE_BYTES or not _checksum_ok(header):
+            size = _checked_size(header)  # raises, saying what is wrong
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         data = read(padded)
         if len(data) < padded:
