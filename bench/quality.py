@@ -237,6 +237,55 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def goals(rows: list[dict]) -> list[dict]:
+    """Each goal of the benchmark with its measured figure and whether it is met (None: nothing measured)."""
+    def judged(name: str, figure: float | None, ok: bool | None) -> dict:
+        return {"goal": name, "measured": figure, "met": None if figure is None else bool(ok)}
+
+    full = [r for r in rows if r["cas_ratio"] is not None and r["family"] != REFERENCE]
+    gan = next((r for r in full if r["family"] == "gan"), None)
+    ref = next((r for r in rows if r["family"] == REFERENCE), None)
+    best = max((r["cas_ratio"] for r in full), default=None)
+    out = [judged("CAS / real, best family >= 0.95", best, best is not None and best >= 0.95)]
+    if gan is not None:
+        above = ref is None or ref["cas_ratio"] is None or gan["cas_ratio"] > ref["cas_ratio"]
+        out.append(judged("CAS / real, GAN >= 0.90 and above the reference", gan["cas_ratio"],
+                          gan["cas_ratio"] >= 0.90 and above))
+        out.append(judged("GAN recall >= 0.5", gan["recall"], gan["recall"] is not None and gan["recall"] >= 0.5))
+    for k, bar in ((10, 0.02), (50, 0.01), (100, 0.0)):
+        gains = [r["aug_gain"] for r in rows if r["data"] == f"K = {k} per class" and r["aug_gain"] is not None]
+        top = max(gains, default=None)
+        out.append(judged(f"augmentation gain, best family, K = {k} >= {100 * bar:+.1f} points",
+                          None if top is None else 100 * top, top is not None and top >= bar))
+    gains = [r["aug_gain"] for r in rows if r["aug_gain"] is not None]
+    low = min(gains, default=None)
+    out.append(judged("augmentation gain, every family and K >= -0.3 points", None if low is None else 100 * low,
+                      low is not None and low >= -0.003))
+    copies = [r["near_copy_fraction"] for r in rows if r["near_copy_fraction"] is not None
+              and r["family"] != REFERENCE]
+    worst = max(copies, default=None)
+    out.append(judged("near-copies, every family and K < 1%", None if worst is None else 100 * worst,
+                      worst is not None and worst < 0.01))
+    return out
+
+
+def goal_lines(judged: list[dict]) -> list[str]:
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    for g in judged:
+        figure = "-" if g["measured"] is None else f"{g['measured']:.3f}"
+        met = "not measured" if g["met"] is None else ("yes" if g["met"] else "no")
+        lines.append(f"| {g['goal']} | {figure} | {met} |")
+    return lines
+
+
+def commit() -> str:
+    """The commit measured, with "+changes" when the work tree differs from it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=15.0, help="CPU-minutes of training per generator (default 15)")
@@ -276,6 +325,7 @@ def main() -> int:
     ensure_fashion_shards(args.data)
     train, test = f"{args.data}/train", f"{args.data}/test"
     load_start = os.getloadavg()
+    measured_on = commit()  # at the start: the code that trained the generators
     started = time.monotonic()
     extractor = resolve_extractor(train, test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -345,12 +395,14 @@ def main() -> int:
         f"{cfg.mix_filters}, chosen on {cfg.validation_per_class} real labels per class outside the K set; "
         f"fallback {cfg.synthetic_fraction} / {cfg.synthetic_weight} / {cfg.synthetic_filter}), {args.num_k} "
         "synthetic samples",
-        "goals: CAS >= 0.85 x real; augmentation gain >= +1.0 point at K = 10 and 50; near-copies < 1%",
+        f"measured on commit {measured_on}",
     ]
-    print("\n".join(["", *protocol, "", *table(rows)]))
+    judged = goals(rows)
+    print("\n".join(["", *protocol, "", *table(rows), "", *goal_lines(judged)]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"protocol": protocol, "rows": rows, "details": details}, indent=1))
+        Path(args.json).write_text(json.dumps({"protocol": protocol, "commit": measured_on, "goals": judged,
+                                               "rows": rows, "details": details}, indent=1))
     return 0
 
 

@@ -1,0 +1,61 @@
+"""bench/quality.py's goal verdicts: each goal of the table is judged from the rows it measured, a goal with
+nothing measured is reported as such (never as met), and the commit measured is recorded."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(family: str, data: str, cas_ratio=None, recall=None, gain=None, copies=0.0) -> dict:
+    return {"family": family, "data": data, "cas_ratio": cas_ratio, "recall": recall, "aug_gain": gain,
+            "near_copy_fraction": copies}
+
+
+def _verdicts(quality, rows) -> dict:
+    return {g["goal"]: g["met"] for g in quality.goals(rows)}
+
+
+def test_goals_judge_each_figure(quality):
+    rows = [_row("gan", "all 60000", cas_ratio=0.93, recall=0.55),
+            _row(quality.REFERENCE, "all 60000", cas_ratio=0.88, recall=0.2),
+            _row("gan", "K = 10 per class", gain=0.025), _row("gan", "K = 50 per class", gain=0.004),
+            _row("gan", "K = 100 per class", gain=-0.001, copies=0.02)]
+    v = _verdicts(quality, rows)
+    assert v["CAS / real, best family >= 0.95"] is False
+    assert v["CAS / real, GAN >= 0.90 and above the reference"] is True
+    assert v["GAN recall >= 0.5"] is True
+    assert v["augmentation gain, best family, K = 10 >= +2.0 points"] is True
+    assert v["augmentation gain, best family, K = 50 >= +1.0 points"] is False
+    assert v["augmentation gain, best family, K = 100 >= +0.0 points"] is False
+    assert v["augmentation gain, every family and K >= -0.3 points"] is True
+    assert v["near-copies, every family and K < 1%"] is False
+
+
+def test_gan_below_the_reference_misses_its_goal(quality):
+    rows = [_row("gan", "all 60000", cas_ratio=0.91, recall=0.1), _row(quality.REFERENCE, "all 60000", cas_ratio=0.92)]
+    assert _verdicts(quality, rows)["CAS / real, GAN >= 0.90 and above the reference"] is False
+
+
+def test_goal_with_nothing_measured_is_not_met_but_unmeasured(quality):
+    judged = quality.goals([_row("gan", "all 60000", cas_ratio=0.5, recall=0.1)])
+    k10 = next(g for g in judged if "K = 10" in g["goal"])
+    assert k10["met"] is None and k10["measured"] is None
+    assert "not measured" in "\n".join(quality.goal_lines(judged))
+
+
+def test_commit_names_the_checkout(quality):
+    assert len(quality.commit().split("+")[0]) == 40
