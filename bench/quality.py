@@ -16,7 +16,9 @@ The budget is CPU time, not steps: each training process (with its loader worker
 psutil and stopped by SIGTERM once it has used --budget CPU-minutes; the loop saves a checkpoint and
 exits 75, and a rerun with train.steps=<the step reached> writes the export. So families compare at
 equal compute, whatever their step cost, and a busy machine does not change the result (only the
-wall time). The protocol is printed above the table, and everything lands in --json.
+wall time). Each generator is generated from and evaluated (in a process of its own) as soon as it is
+trained, beside the training of the next ones; a rerun reuses finished trainings and evaluations. The
+protocol is printed above the table, with a verdict per goal, and everything lands in --json.
 
 A reference row, "cdcgan (reference)", is a plain class-conditional DCGAN (bench/cdcgan.py: no gensynth
 model) trained on all of train at the same CPU budget, sampled (--num) and scored by the same
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -36,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -182,6 +185,25 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
               "wall_s": round(time.monotonic() - start, 1), "overrides": overrides}
     done_marker.write_text(json.dumps(result))
     return result
+
+
+def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, train: str, report: Path,
+                          cfg: EvalConfig, training: dict, threads: int) -> dict:
+    """Sample `num` images from the export of `run` into `synth` (run None: `synth` is already written) and
+    evaluate them; in a process of its own (the classifiers seed torch's global generator). A rerun with the
+    same training, count and protocol reuses the metrics it wrote."""
+    torch.set_num_threads(threads)
+    record = report / "quality_row.json"
+    key = {"training": training, "num": num, "cfg": dataclasses.asdict(cfg)}
+    if record.is_file():
+        earlier = json.loads(record.read_text())
+        if earlier.get("key") == json.loads(json.dumps(key)):
+            return earlier["metrics"]
+    if run is not None:
+        generate(str(run), str(synth), num=num, seed=0, overwrite=True)
+    metrics = evaluate_synthetic(str(synth), test, train=train, report=str(report), cfg=cfg)
+    record.write_text(json.dumps({"key": key, "metrics": metrics}))
+    return metrics
 
 
 def k_set(train: str, out: Path, k: int) -> str:
@@ -353,22 +375,29 @@ def main() -> int:
         return train_generator(family, config, data, work / "runs" / name, budget_s, common, work / "logs",
                                REPO / "configs")
 
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        trainings = list(pool.map(train_job, jobs))
-    # 2. generate and evaluate each (CAS on the full-data model; augmentation gain on the K-shot ones)
-    rows, details = [], []
-    for (family, label, _, data, name), training in zip(jobs, trainings):
+    # 2. as each generator is trained: generate and evaluate it in a process of its own (CAS on the full-data
+    # model; augmentation gain on the K-shot ones), so evaluation overlaps the training of the others
+    def train_and_evaluate(job: tuple) -> tuple[dict, dict]:
+        family, _, _, data, name = job
+        training = train_job(job)
         print(f"== {name}: {training['steps']} steps in {training['cpu_s'] / 60:.1f} CPU-min; generate, evaluate",
               flush=True)
-        synth = work / "synth" / name
         full = data == train
-        if family == REFERENCE:
-            synth = Path(training["synthetic"])  # bench/cdcgan.py sampled it at the end of its training
-        else:
-            generate(str(work / "runs" / name), str(synth), num=args.num if full else args.num_k, seed=0,
-                     overwrite=True)
-        m = evaluate_synthetic(str(synth), test, train=train, report=str(work / "reports" / name),
-                               cfg=cfg if full else dataclasses.replace(cfg, cas=False))
+        synth = Path(training["synthetic"]) if family == REFERENCE else work / "synth" / name
+        run = None if family == REFERENCE else work / "runs" / name
+        row_cfg = cfg if full else dataclasses.replace(cfg, cas=False)
+        metrics = evaluators.submit(generate_and_evaluate, run, synth, args.num if full else args.num_k, test, train,
+                                    work / "reports" / name, row_cfg, training, args.threads).result()
+        print(f"== {name}: evaluated", flush=True)
+        return training, metrics
+
+    spawn = multiprocessing.get_context("spawn")
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool, \
+            ProcessPoolExecutor(max_workers=args.parallel, mp_context=spawn) as evaluators:
+        futures: list[Future] = [pool.submit(train_and_evaluate, job) for job in jobs]
+        done = [f.result() for f in futures]
+    rows, details = [], []
+    for (family, label, _, data, _), (training, m) in zip(jobs, done):
         rows.append(row(family, label, training, m))
         details.append({"family": family, "data": data, "training": training, "metrics": m})
     load_end = os.getloadavg()
@@ -383,10 +412,10 @@ def main() -> int:
         "warm-up), same budget counted the same way" if not args.no_reference
         else f"{REFERENCE}: skipped (--no-reference)",
         f"extractor: SmallCNN, {extractor.config['protocol']['epochs']:g} epochs on {train}, "
-        f"{100 * extractor.test_accuracy:.2f}% test accuracy ({extractor.folder})",
+        f"{100 * extractor.test_accuracy:.2f}% test accuracy (cached as {Path(extractor.folder).name})",
         f"FID / KID / precision-recall (k={cfg.pr_k}): {cfg.num} synthetic vs {cfg.num} real test images (same "
         "class histogram); floor: as many real training images vs the same test images",
-        f"near-copies: nearest-training-image RMS pixel distance < {cfg.copy_ratio} x the median for real test "
+        f"near-copies: nearest-training-image RMS pixel distance < {cfg.copy_ratio:.3g} x the median for real test "
         "images (training set = the generator's own)",
         f"classifier (CAS, augmentation): SmallCNN, {cfg.classifier_steps} steps, batch {cfg.classifier_batch_size}, "
         f"AdamW {cfg.classifier_lr:g} cosine, classic augmentation {cfg.real_augment} of every real (and synthetic: "
