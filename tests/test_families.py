@@ -8,6 +8,7 @@ machinery (codebook sync, resume, export, collapse guard), not image quality.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -336,6 +337,21 @@ def test_eval_of_a_prior_set_reports_its_vqvaes_reconstruction_figures_as_traini
     heldout = load_export(vqvae_run["run"])[1]["heldout"]
     for key in ("mse_01", "psnr", "ssim", "codebook_used_fraction", "codebook_perplexity"):
         assert heldout[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
+
+def test_a_prior_trained_with_a_relative_vqvae_path_reconstructs_from_another_directory(
+        toy, vqvae_run, tmp_path, monkeypatch):
+    relative = os.path.relpath(vqvae_run["run"])  # as a user types it, from where they train
+    config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=relative,
+                                train__steps=2, train__eval_every=0)
+    train_ok(config)
+    run = run_dir(config)
+    monkeypatch.chdir(tmp_path)  # where `relative` names nothing
+    assert not Path(relative).exists()
+    test = load_image_set(toy["test"])
+    again = load_sampler(run).reconstruct(test.images[:4], test.labels[:4])
+    assert again.images.shape == test.images[:4].shape
 
 
 # -- VAE

@@ -42,7 +42,8 @@ def export_identity(export: str) -> dict[str, Any]:
     if config.get("family") != "vqvae":
         raise UsageError(f"{export}: an export of family {config.get('family')!r}; a prior needs a VQ-VAE run "
                          "(model.family=vqvae) or its export/")
-    return {"export": str(folder), "run": config.get("run"), "step": config.get("step"),
+    # absolute: the prior's export names it for reconstruction, which may run from another directory
+    return {"export": str(folder.resolve()), "run": config.get("run"), "step": config.get("step"),
             "weights_sha256": config["weights_sha256"], "data": config.get("data"),
             "training_data": config.get("training_data"),
             "config_sha256": hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()}
