@@ -7,6 +7,7 @@ check the machinery (checkpoint, resume, signals, logging, export), not image qu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,15 @@ import yaml
 from gensynth.data.codec import decode_png
 from gensynth.train.checkpoint import complete_checkpoints, latest_checkpoint
 from tests.conftest import REPO, subprocess_env
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported as the module bench_<name> (registered: dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 TIMEOUT_S = 300
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]

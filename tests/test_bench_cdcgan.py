@@ -4,25 +4,20 @@ training data). Quality is the benchmark's business, not this test's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from gensynth.evaluate.sets import load_image_set
-from tests.conftest import REPO, write_shard_set
+from tests.conftest import write_shard_set
+from tests.helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def cdcgan():
-    spec = importlib.util.spec_from_file_location("bench_cdcgan", REPO / "bench" / "cdcgan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("cdcgan")
 
 
 def test_reference_trains_and_writes_an_evaluable_balanced_set(cdcgan, tmp_path: Path):

@@ -3,21 +3,14 @@ nothing measured is reported as such (never as met), and the commit measured is 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("quality")
 
 
 def _row(family: str, data: str, cas_ratio=None, recall=None, gain=None, copies=0.0) -> dict:
