@@ -329,8 +329,17 @@ def main() -> int:
     ap.add_argument("--work", default="bench/results/quality", help="runs, synthetic sets and reports go here")
     ap.add_argument("--data", default="data/fashion", help="Fashion-MNIST shards (made if missing)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--render", metavar="JSON", help="print the protocol, table and goals of a result file written "
+                    "by --json (nothing runs)")
     ap.add_argument("overrides", nargs="*", help="eval.key=value for the evaluation protocol")
     args = ap.parse_args()
+    if args.render:
+        try:
+            saved = json.loads(Path(args.render).read_text())
+            print("\n".join([*saved["protocol"], "", *table(saved["rows"]), "", *goal_lines(goals(saved["rows"]))]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--render {args.render}: not a result file of this benchmark ({type(e).__name__}: {e})")
+        return 0
     bad = [kv for kv in args.sets if "=" not in kv or kv.startswith(("run.", "eval."))]
     if bad:
         ap.error(f"--set {bad[0]}: give SECTION.KEY=VALUE of the training config (run.* and eval.* are the "

@@ -3,8 +3,13 @@ nothing measured is reported as such (never as met), and the commit measured is 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import REPO
 from tests.helpers import bench_module
 
 
@@ -52,3 +57,21 @@ def test_goal_with_nothing_measured_is_not_met_but_unmeasured(quality):
 
 def test_commit_names_the_checkout(quality):
     assert len(quality.commit().split("+")[0]) == 40
+
+
+def test_render_prints_a_saved_result_without_running(tmp_path):
+    rows = [{**_row("gan", "all 60000", cas_ratio=0.5, recall=0.1), "steps": 10, "cpu_min": 1.0, "fid": 30.0,
+             "fid_floor": 0.1, "kid_x1000": 1.0, "kid_floor_x1000": 0.0, "precision": 0.8, "precision_floor": 0.9,
+             "recall_floor": 0.9, "class_consistency": 0.8, "near_copy_floor": 0.0, "cas": 0.4, "cas_real": 0.8,
+             "aug_real": None, "aug_mixed": None, "aug_gain_std": None}]
+    saved = tmp_path / "quality.json"
+    saved.write_text(json.dumps({"protocol": ["protocol line"], "rows": rows}))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--render", str(saved)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "protocol line" in out.stdout and "| gan | all 60000 | 10 (1.0) | 30.00 (0.10)" in out.stdout
+    assert "| GAN recall >= 0.5 | 0.100 | no |" in out.stdout
+    saved.write_text("{}")
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--render", str(saved)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a result file" in bad.stderr and "Traceback" not in bad.stderr
