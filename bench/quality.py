@@ -94,7 +94,7 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
     # loop, not the extraction), and their CPU time is taken out of the prior's half (at least 30 CPU-s are left:
     # a process stopped before its loop starts would leave no checkpoint)
     codes = run_dir.parent.parent / "data" / f"codes-{run_dir.name}"
-    start = time.monotonic()
+    extract_wall = 0.0  # reused codes cost no time
     extracted = codes.with_name(codes.name + ".json")  # {VQ-VAE weights sha256, extraction CPU s}: reruns reuse
     weights = json.loads((vq_dir / "export" / "config.json").read_text())["weights_sha256"]
     before = json.loads(extracted.read_text()) if extracted.is_file() else {}
@@ -102,19 +102,20 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
         extract_s = before["cpu_s"]  # the codes of this VQ-VAE are there: charge what extracting them cost
     else:
         shutil.rmtree(codes, ignore_errors=True)  # codes of an earlier VQ-VAE run would be refused
+        start = time.monotonic()
         code, extract_s = run_watched([sys.executable, "-c", "import sys; from gensynth.families.prior.codes import "
                                        "ensure_codes; ensure_codes(*sys.argv[1:])", str(vq_dir / "export"), data,
                                        str(codes)], logs / f"{run_dir.name}.log")
         if code != 0:
             raise RuntimeError(f"extracting the codes for {run_dir.name} failed; see {logs / run_dir.name}.log")
-        extract_s = round(extract_s, 1)
+        extract_s, extract_wall = round(extract_s, 1), time.monotonic() - start
         extracted.write_text(json.dumps({"weights_sha256": weights, "cpu_s": extract_s}))
     prior = train_on_budget(config, [f"data.train={codes}", f"prior.vqvae={vq_dir}", f"prior.images={data}",
                                      *common], run_dir, max(budget_s / 2 - extract_s, 30.0),
                             logs / f"{run_dir.name}-prior.log")
     return {"budget_s": budget_s, "steps": f"{vq['steps']}+{prior['steps']}",
             "cpu_s": vq["cpu_s"] + extract_s + prior["cpu_s"],
-            "wall_s": round(vq["wall_s"] + time.monotonic() - start, 1)}
+            "wall_s": round(vq["wall_s"] + extract_wall + prior["wall_s"], 1)}
 
 
 def train_reference(data: str, out: Path, budget_s: float, num: int, threads: int, log: Path) -> dict:
@@ -197,9 +198,13 @@ def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, tr
     torch.set_num_threads(threads)
     record = report / "quality_row.json"
     key = {"training": training, "num": num, "cfg": dataclasses.asdict(cfg)}
+
+    def what(k: dict) -> dict:  # the model, count and protocol; not how long training took
+        return {**k, "training": {n: v for n, v in (k.get("training") or {}).items() if n != "wall_s"}}
+
     if record.is_file():
         earlier = json.loads(record.read_text())
-        if earlier.get("key") == json.loads(json.dumps(key)):
+        if what(earlier.get("key") or {}) == what(json.loads(json.dumps(key))):
             return earlier["metrics"]
     if run is not None:
         generate(str(run), str(synth), num=num, seed=0, overwrite=True)
@@ -321,6 +326,8 @@ def main() -> int:
     ap.add_argument("--classifier-steps", type=int, default=EvalConfig.classifier_steps,
                     help="steps of every CAS / augmentation classifier")
     ap.add_argument("--families", help="comma-separated families (default: every configs/<family>_fashion.yaml)")
+    ap.add_argument("--rows", help="comma-separated rows to run, by run name (gan_full, gan_k10, prior_k50, "
+                    "cdcgan_full, ...; default all that --families, --ks and --no-reference give)")
     ap.add_argument("--no-reference", action="store_true", help=f"skip the {REFERENCE} row (bench/cdcgan.py)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                     help="training override for every family, e.g. gan.lr_g=2e-4 (repeatable)")
@@ -361,7 +368,6 @@ def main() -> int:
     load_start = os.getloadavg()
     measured_on = commit()  # at the start: the code that trained the generators
     started = time.monotonic()
-    extractor = resolve_extractor(train, test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     chosen = families(REPO / "configs")
     if args.families:
@@ -369,15 +375,25 @@ def main() -> int:
         chosen = [f for f in chosen if f[0] in wanted]
     budget_s = args.budget * 60
     common = [f"train.threads={args.threads}", "train.eval_every=0", *args.sets]
-    jobs = []  # (family, label, config, data, run name)
+    planned = []  # (family, label, config, K or None for all of train, run name)
     for family, config, fewshot in chosen:
-        jobs.append((family, "all 60000", config, train, f"{family}_full"))
-        for k in ks:
-            jobs.append((family, f"K = {k} per class", fewshot, k_set(train, work / "data", k), f"{family}_k{k}"))
+        planned.append((family, "all 60000", config, None, f"{family}_full"))
+        planned += [(family, f"K = {k} per class", fewshot, k, f"{family}_k{k}") for k in ks]
+    if not args.no_reference:
+        planned.append((REFERENCE, "all 60000", None, None, "cdcgan_full"))
+    if args.rows:
+        wanted = [r for r in args.rows.split(",") if r]
+        unknown = sorted(set(wanted) - {job[4] for job in planned})
+        if unknown:
+            ap.error(f"--rows: no row {', '.join(unknown)}; the rows are {', '.join(job[4] for job in planned)}")
+        planned = [job for job in planned if job[4] in wanted]
+    extractor = resolve_extractor(train, test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed)
+    jobs = [(family, label, config, train if k is None else k_set(train, work / "data", k), name)
+            for family, label, config, k, name in planned]
+    reused = sum((work / ("synth" if job[0] == REFERENCE else "runs") / job[4] /
+                  ("training.json" if job[0] == REFERENCE else "budget.json")).is_file() for job in jobs)
     # 1. every generator on its CPU budget; concurrently (--parallel): CPU time, not wall time, is the budget
     print(f"== training {len(jobs)} generators, {args.budget:g} CPU-min each, {args.parallel} at a time", flush=True)
-    if not args.no_reference:
-        jobs.append((REFERENCE, "all 60000", None, train, "cdcgan_full"))
 
     def train_job(job: tuple) -> dict:
         family, _, config, data, name = job
@@ -417,7 +433,8 @@ def main() -> int:
         f"Fashion-MNIST ({train}: 60000, {test}: 10000); machine {platform.machine()}, {os.cpu_count()} cores, "
         f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end; {args.threads} torch thread(s) per "
         f"process, {args.parallel} generators at a time; torch {torch.__version__}; total wall "
-        f"{(time.monotonic() - started) / 60:.0f} min",
+        f"{(time.monotonic() - started) / 60:.0f} min"
+        + (f" ({reused} of {len(jobs)} generators trained by an earlier run in {work}: not counted)" if reused else ""),
         f"generators: {args.budget:g} CPU-minutes of training each (process + loader workers, psutil), "
         f"{args.num} samples generated (full data) / {args.num_k} (K-shot), seed 0"
         + (f"; training overrides {' '.join(args.sets)}" if args.sets else ""),
