@@ -41,7 +41,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import psutil
@@ -423,9 +423,14 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=args.parallel) as pool, \
             ProcessPoolExecutor(max_workers=args.parallel, mp_context=spawn) as evaluators:
         futures: list[Future] = [pool.submit(train_and_evaluate, job) for job in jobs]
-        done = [f.result() for f in futures]
-    rows, details = [], []
-    for (family, label, _, data, _), (training, m) in zip(jobs, done):
+        wait(futures)  # a row that fails must not cut the others short (their evaluations are still running)
+    rows, details, failed = [], [], {}
+    for (family, label, _, data, name), future in zip(jobs, futures):
+        if future.exception() is not None:
+            failed[name] = str(future.exception())
+            print(f"== {name}: FAILED: {failed[name]}", flush=True)
+            continue
+        training, m = future.result()
         rows.append(row(family, label, training, m))
         details.append({"family": family, "data": data, "training": training, "metrics": m})
     load_end = os.getloadavg()
@@ -455,14 +460,15 @@ def main() -> int:
         f"fallback {cfg.synthetic_fraction} / {cfg.synthetic_weight} / {cfg.synthetic_filter}), {args.num_k} "
         "synthetic samples",
         f"measured on commit {measured_on}",
+        *([f"failed rows (left out): {', '.join(failed)}"] if failed else []),
     ]
     judged = goals(rows)
     print("\n".join(["", *protocol, "", *table(rows), "", *goal_lines(judged)]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"protocol": protocol, "commit": measured_on, "goals": judged,
-                                               "rows": rows, "details": details}, indent=1))
-    return 0
+                                               "rows": rows, "details": details, "failed": failed}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
