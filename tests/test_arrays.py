@@ -89,6 +89,34 @@ def test_images_and_arrays_together(tmp_path):
         assert np.array_equal(grid.numpy(), grid_of(i))
 
 
+@pytest.mark.parametrize("with_arrays", [False, True])
+def test_add_many_writes_the_shards_that_add_writes(tmp_path, with_arrays):
+    """A batch (generation's path) gives the bytes of adding its samples one by one, also when it crosses
+    a shard boundary, and the same manifest (histogram, schema)."""
+    from gensynth.data.codec import encode_images
+    from gensynth.data.writer import meta_json
+
+    n = 23
+    images = np.stack([toy_image(i) for i in range(n)])
+    labels = [i % 3 for i in range(n)]
+    metas = [meta_json({"index": i}) for i in range(n)]
+    soft = np.random.default_rng(0).random((n, 3)).astype(np.float32)
+    keys = [f"train-{i:08d}" for i in range(n)]
+    with ShardSetWriter(str(tmp_path / "one"), "train", shard_size=10) as w:
+        for i in range(n):
+            w.add(keys[i], images[i], labels[i], metas[i], {"soft": soft[i]} if with_arrays else None)
+        one = w.finish(classes=["a", "b", "c"])
+    with ShardSetWriter(str(tmp_path / "many"), "train", shard_size=10) as w:
+        for lo, hi in [(0, 7), (7, 16), (16, n)]:  # 7, then 9 crossing shard 0's end, then 7 crossing shard 1's
+            w.add_many(keys[lo:hi], images[lo:hi], encode_images(images[lo:hi], "png"), labels[lo:hi], metas[lo:hi],
+                       {"soft": soft[lo:hi]} if with_arrays else None)
+        many = w.finish(classes=["a", "b", "c"])
+    assert [s.samples for s in many.shards] == [10, 10, 3]
+    assert many.to_json() == one.to_json()
+    for shard in one.shards:
+        assert (tmp_path / "many" / shard.name).read_bytes() == (tmp_path / "one" / shard.name).read_bytes()
+
+
 def test_writer_refuses_inconsistent_samples(tmp_path):
     with ShardSetWriter(str(tmp_path / "a"), "train") as w:
         w.add("train-0", None, label=0, arrays={"codes": grid_of(0)})

@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,17 +89,23 @@ ENCODE_CHUNK = 64  # images per task: enough to amortise the hand-over, small en
 def encode_images(images: Any, encoding: str, threads: int | None = None) -> list[bytes]:
     """encode_image for many images on every core: zlib releases the GIL, so threads scale PNG encoding
     (bench/generate.py measures it); the bytes and their order are those of encoding one by one."""
+    return [data for chunk in encode_chunks(images, encoding, threads) for data in chunk]
+
+
+def encode_chunks(images: Any, encoding: str, threads: int | None = None) -> Iterator[list[bytes]]:
+    """encode_images as it goes: the encodings of ENCODE_CHUNK images at a time, in order. Every chunk is
+    handed to the threads before this returns, so a caller writes chunk i while the later ones encode."""
     global _ENCODERS
     workers = threads or os.cpu_count() or 1
     if workers == 1 or len(images) <= ENCODE_CHUNK:
-        return [encode_image(image, encoding) for image in images]
+        return ([encode_image(image, encoding) for image in images[i:i + ENCODE_CHUNK]]
+                for i in range(0, len(images), ENCODE_CHUNK))
     if _ENCODERS is None or _ENCODERS._max_workers != workers:
         from concurrent.futures import ThreadPoolExecutor
 
         _ENCODERS = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gensynth-encode")
     chunks = [images[i:i + ENCODE_CHUNK] for i in range(0, len(images), ENCODE_CHUNK)]
-    return [data for chunk in _ENCODERS.map(lambda c: [encode_image(im, encoding) for im in c], chunks)
-            for data in chunk]
+    return _ENCODERS.map(lambda c: [encode_image(im, encoding) for im in c], chunks)
 
 
 def check_image_size(height: int, width: int, shape: tuple[int, ...] | None, what: str = "image") -> None:

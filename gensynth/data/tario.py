@@ -12,8 +12,10 @@ faster than `tarfile` on small members, and it tells a truncated shard from a co
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
+
+import numpy as np
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -256,6 +258,35 @@ def ustar_header(name: str, size: int) -> bytes:
                      _HEADER_REST))
 
 
+_TEMPLATE_ROW = np.frombuffer(_USTAR_TEMPLATE, dtype=np.uint8)
+_SIZE_SHIFTS = 3 * np.arange(10, -1, -1)  # the 11 octal digits of the size field, most significant first
+_CHECKSUM_SHIFTS = 3 * np.arange(5, -1, -1)  # the checksum's 6 octal digits
+
+
+def ustar_headers(names: Sequence[str], sizes: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """ustar_header for many members at once: uint8 [n, 512], row i the header of (names[i], sizes[i]),
+    written into `out` when given (a view [n, 512]). Names of one byte length (a generation job's keys) are
+    filled in with one numpy assignment per field; others fall back to ustar_header row by row."""
+    encoded = [name.encode("utf-8") for name in names]
+    sizes = np.asarray(sizes, dtype=np.int64)
+    headers = np.empty((len(encoded), BLOCK), dtype=np.uint8) if out is None else out
+    length = len(encoded[0]) if encoded else 0
+    if not encoded or any(len(e) != length for e in encoded) or length > 100 or (sizes >= 8**11).any():
+        headers[:] = np.frombuffer(b"".join([ustar_header(n, int(s)) for n, s in zip(names, sizes)]),
+                                   dtype=np.uint8).reshape(len(encoded), BLOCK)
+        return headers
+    headers[:] = _TEMPLATE_ROW
+    name_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(encoded), length)
+    headers[:, :length] = name_bytes
+    digits = ((sizes[:, None] >> _SIZE_SHIFTS) & 7) + ord("0")
+    headers[:, 124:135] = digits
+    checksum = _USTAR_TEMPLATE_SUM + name_bytes.sum(axis=1, dtype=np.int64) + digits.sum(axis=1)
+    headers[:, 148:154] = ((checksum[:, None] >> _CHECKSUM_SHIFTS) & 7) + ord("0")
+    headers[:, 154] = 0
+    headers[:, 155] = ord(" ")
+    return headers
+
+
 RECORD = 20 * BLOCK  # tarfile pads an archive to a multiple of its record size
 
 
@@ -287,7 +318,59 @@ class TarShardWriter:
         self._put(b"".join(parts))
         self.count += 1
 
+    def write_many(self, keys: Sequence[str], fields: Mapping[str, Sequence[bytes]]) -> None:
+        """`write(keys[i], {ext: fields[ext][i] for ext in fields})` for every i, in one write: the same
+        bytes, with the headers built for all samples at once (per sample, write's Python was a fifth of a
+        generation job's CPU beside PNG encoding). Each run of a sample's headers and one-block values is laid
+        out as a fixed-width row of one array, so only the larger values are joined one by one."""
+        n = len(keys)
+        if n == 0:
+            return
+        bad = [key for key in keys if "." in key.rsplit("/", 1)[-1]]
+        if bad:
+            raise ValueError(f"sample key {bad[0]!r} must not contain a dot")
+        exts = sorted(fields)
+        sizes = {ext: np.fromiter(map(len, fields[ext]), dtype=np.int64, count=n) for ext in exts}
+        total = sum(BLOCK + s for s in sizes.values())
+        if int(total.max()) > MAX_SAMPLE_BYTES:  # the reader would refuse it (see iter_samples)
+            i = int(total.argmax())
+            raise ValueError(f"sample {keys[i]!r} holds {int(total[i])} bytes, more than the {MAX_SAMPLE_BYTES} one "
+                             "sample may hold")
+        small = {ext: bool(sizes[ext].min() > 0 and sizes[ext].max() <= BLOCK) for ext in exts}
+        columns: list[list[bytes]] = []  # sample i's bytes: columns[0][i], columns[1][i], ...
+        run: list[str] = []  # fields whose header (and, when small, value) go in the current fixed row
+        for ext in exts:
+            run.append(ext)
+            if not small[ext]:
+                columns.append(self._fixed_rows(keys, fields, sizes, small, run))
+                columns.append(list(fields[ext]))
+                columns.append([_ZERO_BLOCK[:-len(v) % BLOCK] for v in fields[ext]])
+                run = []
+        if run:
+            columns.append(self._fixed_rows(keys, fields, sizes, small, run))
+        self._put(b"".join([part for parts in zip(*columns) for part in parts]))
+        self.count += n
+
+    @staticmethod
+    def _fixed_rows(keys: Sequence[str], fields: Mapping[str, Sequence[bytes]], sizes: Mapping[str, np.ndarray],
+                    small: Mapping[str, bool], run: list[str]) -> list[bytes]:
+        """Per sample, the headers of the fields in `run` with the values of the small ones (padded to a
+        block) between them: the bytes of one fixed-width row each."""
+        width = BLOCK * sum(2 if small[ext] else 1 for ext in run)
+        rows = np.zeros((len(keys), width), dtype=np.uint8)
+        at = 0
+        for ext in run:
+            ustar_headers([f"{key}.{ext}" for key in keys], sizes[ext], out=rows[:, at:at + BLOCK])
+            at += BLOCK
+            if small[ext]:
+                rows[:, at:at + BLOCK] = np.frombuffer(b"".join([v.ljust(BLOCK, b"\0") for v in fields[ext]]),
+                                                       dtype=np.uint8).reshape(len(keys), BLOCK)
+                at += BLOCK
+        joined = rows.tobytes()
+        return [joined[i:i + width] for i in range(0, len(joined), width)]
+
     def close(self) -> None:
         """Write the end-of-archive marker; the caller closes the file (tarfile does not own it)."""
         end = self._offset + 2 * BLOCK
         self._put(bytes(2 * BLOCK + (-end) % RECORD))
+

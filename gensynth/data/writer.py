@@ -59,6 +59,12 @@ class MetaTemplate:
     def __call__(self, values: dict[str, Any]) -> bytes:
         return ("".join([text + _json_value(values[key]) for text, key in self.parts]) + self.tail).encode("ascii")
 
+    def many(self, columns: dict[str, list[Any]]) -> list[bytes]:
+        """meta_json of many samples: columns[key][i] is sample i's value of each varying key."""
+        form = "".join(text.replace("%", "%%") + "%s" for text, _ in self.parts) + self.tail.replace("%", "%%")
+        values = [list(map(_json_value, columns[key])) for _, key in self.parts]
+        return [(form % row).encode("ascii") for row in zip(*values)]
+
 
 def _json_value(value: Any) -> str:
     """json.dumps(value) with its fast cases first (what json itself calls for them)."""
@@ -168,6 +174,48 @@ class ShardSetWriter:
         if self._tar is None:
             self._open_shard()
         self._tar.write(key, fields)
+        if self._tar.count >= self.shard_size:
+            self.end_shard()
+
+    def add_many(self, keys: list[str], images: np.ndarray, encoded: list[bytes], labels: list[int],
+                 metas: list[bytes], arrays: dict[str, np.ndarray] | None = None) -> None:
+        """add(keys[i], images[i], labels[i], metas[i], {name: arrays[name][i]}, encoded[i]) for every i, in
+        one go (the same bytes): the checks are made once for the batch and the tar members written
+        together. `images` uint8 [n, H, W, C] (its shape is checked; `encoded` holds its encoding)."""
+        n = len(keys)
+        if not n == len(images) == len(encoded) == len(labels) == len(metas):
+            raise ValueError("add_many: keys, images, encoded, labels and metas must be as long as each other")
+        room = self.shard_size - (self._tar.count if self._tar is not None else 0)
+        if n > room:  # the batch crosses a shard boundary: the part that fits, then the rest
+            head, rest = (None, None) if arrays is None else ({k: a[:room] for k, a in arrays.items()},
+                                                              {k: a[room:] for k, a in arrays.items()})
+            self.add_many(keys[:room], images[:room], encoded[:room], labels[:room], metas[:room], head)
+            return self.add_many(keys[room:], images[room:], encoded[room:], labels[room:], metas[room:], rest)
+        if n == 0:
+            return
+        shape = tuple(images.shape[1:])
+        if self.image_shape is None:
+            if self.labelled is not None:
+                raise ValueError(f"sample {keys[0]}: has an image, the samples before it have none")
+            self.image_shape = shape
+        elif shape != tuple(self.image_shape):
+            raise ValueError(f"sample {keys[0]}: image is {shape[1]}x{shape[0]}x{shape[2]}, the set so far is "
+                             f"{self.image_shape[1]}x{self.image_shape[0]}x{self.image_shape[2]} (one size per "
+                             "shard set)")
+        if self.labelled is False:
+            raise ValueError(f"sample {keys[0]}: some samples have a label and some do not")
+        self.labelled = True
+        fields: dict[str, list[bytes]] = {self.encoding: encoded, "cls": [b"%d" % label for label in labels],
+                                          "json": metas}
+        if arrays or self.arrays != {}:
+            per_sample = [self._array_fields(key, {name: a[i] for name, a in (arrays or {}).items()})
+                          for i, key in enumerate(keys)]
+            for name in per_sample[0]:
+                fields[name] = [f[name] for f in per_sample]
+        self.histogram.update(labels)
+        if self._tar is None:
+            self._open_shard()
+        self._tar.write_many(keys, fields)
         if self._tar.count >= self.shard_size:
             self.end_shard()
 
