@@ -35,6 +35,7 @@ from gensynth.generate.shards import (
     RECEIPT_FOLDERS,
     RECEIPTS,
     SetInfo,
+    ShardDraft,
     draw_shard,
     move_old_receipts,
     read_receipt,
@@ -237,7 +238,9 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     writers = opts.writers or ((os.cpu_count() or 1) if on_gpu else 1)
     # With writer processes, each encodes and writes whole shards on its own core while the model draws the
     # next. With one writer on a GPU, a thread encodes and writes shard k while shard k+1 is drawn. On the CPU
-    # the model's threads already use every core, and a writer beside them stalls their parallel regions.
+    # the model's threads already use every core, and a writer beside them stalls their parallel regions: the
+    # shard is written after it is drawn (encoding on every core ahead of the writing), and only its
+    # publication (fsync, rename, receipt: waits on storage) overlaps the drawing of the next.
     overlap = on_gpu
     with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer, \
             writer_processes(writers) as pool:
@@ -256,13 +259,16 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                 while len(pending) > writers:
                     result.add(pending.popleft().result())
                 continue
-            while pending:
-                result.add(pending.popleft().result())
             if overlap:
+                while pending:
+                    result.add(pending.popleft().result())
                 pending.append(writer.submit(write_shard, info, job, k, images, shard_labels, scores, dropped, out,
                                              soft))
-            else:
-                result.add(write_shard(info, job, k, images, shard_labels, scores, dropped, out, soft))
+                continue
+            draft = ShardDraft(info, job, k, images, shard_labels, scores, dropped, out, soft).write()
+            while pending:  # shard k-1 was published (a wait on storage) while shard k was written
+                result.add(pending.popleft().result())
+            pending.append(writer.submit(draft.publish))
         while pending:
             result.add(pending.popleft().result())
     result.seconds = time.perf_counter() - start

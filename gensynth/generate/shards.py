@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from gensynth import storage
-from gensynth.data.codec import SOFT_ARRAY, encode_images
+from gensynth.data.codec import SOFT_ARRAY, encode_chunks
 from gensynth.data.writer import MetaTemplate, ShardSetWriter
 from gensynth.errors import GensynthError
 from gensynth.evaluate.filter import SampleFilter
@@ -77,35 +78,89 @@ class SetInfo:
         return cls(sampler.family, tuple(sampler.classes))
 
 
+WRITE_BATCH = 512  # samples written at a time: a batch's fixed numpy cost is a few hundred microseconds
+
+
+def _batched(chunks: Iterator[list[bytes]], size: int) -> Iterator[list[bytes]]:
+    """Consecutive chunks joined into lists of at least `size` (the last may be shorter)."""
+    batch: list[bytes] = []
+    for chunk in chunks:
+        batch += chunk
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ShardDraft:
+    """Shard k written into its temporary file (write), then published with its receipt (publish): a job
+    publishes shard k, a wait on storage, while it draws and writes shard k+1. The shard's PNGs are encoded
+    on threads ahead of the writing, so encoding and writing share the cores."""
+
+    def __init__(self, info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
+                 scores: np.ndarray | None, dropped: np.ndarray, out: str, soft: np.ndarray | None = None,
+                 encode_threads: int | None = None):
+        self.info, self.job, self.k, self.out = info, job, k, out
+        self.images, self.labels, self.scores, self.dropped, self.soft = images, labels, scores, dropped, soft
+        self.encode_threads = encode_threads
+        # one place more than the shard holds: the shard is published by publish(), not by its last sample
+        self.writer = ShardSetWriter(out, SPLIT, shard_size=len(labels) + 1, encoding=job.encoding, first_index=k)
+
+    def write(self) -> ShardDraft:
+        """Encode and write every sample into the shard's temporary file (removed if this fails)."""
+        job, info, n = self.job, self.info, len(self.labels)
+        lo, _ = job.shard_range(self.k)
+        meta = MetaTemplate({"family": info.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
+                             "shard": self.k, "options": job.options},
+                            ("index", "class") if self.scores is None else ("index", "class", "score"))
+        labels = self.labels.tolist()
+        try:
+            start = 0
+            for encoded in _batched(encode_chunks(self.images, job.encoding, self.encode_threads), WRITE_BATCH):
+                end = start + len(encoded)
+                columns = {"index": list(range(lo + start, lo + end)), "class": [info.classes[c] for c in
+                                                                                 labels[start:end]]}
+                if self.scores is not None:  # the filter classifier's probability of the label
+                    columns["score"] = [round(float(x), 6) for x in self.scores[start:end]]
+                self.writer.add_many([job.key(i) for i in columns["index"]], self.images[start:end], encoded,
+                                     labels[start:end], meta.many(columns),
+                                     None if self.soft is None else {SOFT_ARRAY: self.soft[start:end]})
+                if start < n // 2 <= end:
+                    crash_point("generate.write")  # the shard's temporary file is half written
+                start = end
+        except BaseException as e:
+            self.writer.abort(e)
+            raise
+        return self
+
+    def publish(self) -> dict[str, Any]:
+        """Publish the shard whole, then its receipt (which carries the shard's schema, for the manifest);
+        return the receipt."""
+        try:
+            self.writer.end_shard()
+        except BaseException as e:
+            self.writer.abort(e)
+            raise
+        written = self.writer.shards[0]
+        counts = np.bincount(self.labels, minlength=len(self.info.classes))
+        receipt = {**asdict(written), "shard": self.k,
+                   "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
+                   "dropped": {str(c): int(n) for c, n in enumerate(self.dropped) if n}, "job": self.job.fingerprint(),
+                   "schema": self.writer.schema()}
+        storage.write_bytes(receipt_url(self.out, written.name), json.dumps(receipt, sort_keys=True).encode(),
+                            "write receipt")
+        return receipt
+
+
 def write_shard(info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
                 scores: np.ndarray | None, dropped: np.ndarray, out: str,
                 soft: np.ndarray | None = None, encode_threads: int | None = None) -> dict[str, Any]:
-    """Encode shard k, publish it whole, then its receipt (which carries the shard's schema, for the
-    manifest); return the receipt. `soft`: the --relabel teacher's probabilities (float32 [n, classes]),
-    stored as each sample's soft.npy; without it the shard is what it always was. `encode_threads`: PNG
-    encoding threads (default every core; 1 in a writer process, where the processes share the cores)."""
-    lo, _ = job.shard_range(k)
-    meta_common = {"family": info.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
-                   "shard": k, "options": job.options}
-    encoded = encode_images(images, job.encoding, encode_threads)  # the bytes of encoding one by one
-    meta = MetaTemplate(meta_common, ("index", "class") if scores is None else ("index", "class", "score"))
-    with ShardSetWriter(out, SPLIT, shard_size=len(labels), encoding=job.encoding, first_index=k) as writer:
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            if i == len(labels) // 2:
-                crash_point("generate.write")  # the shard's temporary file is half written
-            values = {"index": lo + i, "class": info.classes[label]}
-            if scores is not None:
-                values["score"] = round(float(scores[i]), 6)  # the filter classifier's probability of the label
-            writer.add(job.key(lo + i), image, label, meta(values), None if soft is None else {SOFT_ARRAY: soft[i]},
-                       encoded[i])
-        writer.end_shard()
-    written = writer.shards[0]
-    counts = np.bincount(labels, minlength=len(info.classes))
-    receipt = {**asdict(written), "shard": k, "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
-               "dropped": {str(c): int(n) for c, n in enumerate(dropped) if n}, "job": job.fingerprint(),
-               "schema": writer.schema()}
-    storage.write_bytes(receipt_url(out, written.name), json.dumps(receipt, sort_keys=True).encode(), "write receipt")
-    return receipt
+    """Encode shard k, publish it whole, then its receipt; return the receipt. `soft`: the --relabel
+    teacher's probabilities (float32 [n, classes]), stored as each sample's soft.npy; without it the shard is
+    what it always was. `encode_threads`: PNG encoding threads (default every core; 1 in a writer process,
+    where the processes share the cores)."""
+    return ShardDraft(info, job, k, images, labels, scores, dropped, out, soft, encode_threads).write().publish()
 
 
 def move_old_receipts(out: str) -> int:
