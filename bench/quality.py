@@ -56,13 +56,16 @@ from gensynth.data.ingest import ingest  # noqa: E402
 from gensynth.data.manifest import manifest_url  # noqa: E402
 from gensynth.data.sources import open_source  # noqa: E402
 from gensynth.demo import ensure_fashion_shards  # noqa: E402
-from gensynth.evaluate.extractor import resolve_extractor  # noqa: E402
+from gensynth.evaluate.extractor import cache_root, resolve_extractor  # noqa: E402
 from gensynth.evaluate.synthetic import evaluate_synthetic  # noqa: E402
 from gensynth.generate.job import generate  # noqa: E402
 from gensynth.train.checkpoint import latest_checkpoint  # noqa: E402
 
 REQUEUE = 75
 REFERENCE = "cdcgan (reference)"
+BUDGET_RECORD = "budget.json"  # train_on_budget's record in a run folder: what a rerun reuses
+REFERENCE_RECORD = "training.json"  # bench/cdcgan.py's record in its output folder
+CACHE_NAME = "<gensynth cache>"  # stands for the extractor cache folder in a result file
 
 
 def families(configs: Path) -> list[tuple[str, Path, Path]]:
@@ -78,6 +81,13 @@ def families(configs: Path) -> list[tuple[str, Path, Path]]:
         fewshot = path.with_name(path.stem + "_fewshot.yaml")
         found.append((family, path, fewshot if fewshot.is_file() else path))
     return found
+
+
+def training_record(work: Path, family: str, name: str) -> Path:
+    """Where row `name`'s training is recorded under --work (a rerun reuses the training it names)."""
+    if family == REFERENCE:
+        return work / "synth" / name / REFERENCE_RECORD
+    return work / "runs" / name / BUDGET_RECORD
 
 
 def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_s: float, common: list[str],
@@ -115,13 +125,14 @@ def train_generator(family: str, config: Path, data: str, run_dir: Path, budget_
                             logs / f"{run_dir.name}-prior.log")
     return {"budget_s": budget_s, "steps": f"{vq['steps']}+{prior['steps']}",
             "cpu_s": vq["cpu_s"] + extract_s + prior["cpu_s"],
-            "wall_s": round(vq["wall_s"] + extract_wall + prior["wall_s"], 1)}
+            "wall_s": round(vq["wall_s"] + extract_wall + prior["wall_s"], 1),
+            **({"commit": prior["commit"]} if "commit" in prior else {})}
 
 
 def train_reference(data: str, out: Path, budget_s: float, num: int, threads: int, log: Path) -> dict:
     """bench/cdcgan.py on `data` for `budget_s` CPU seconds (it stops itself, counting as train_on_budget does),
     writing `num` samples to OUT/synthetic. Reruns with the same budget and count reuse it."""
-    record = out / "training.json"
+    record = out / REFERENCE_RECORD
     if record.is_file():
         done = json.loads(record.read_text())
         if done.get("budget_s") == budget_s and done.get("num") == num:
@@ -132,7 +143,7 @@ def train_reference(data: str, out: Path, budget_s: float, num: int, threads: in
                            "--budget", str(budget_s / 60), "--num", str(num), "--threads", str(threads)], log)
     if code != 0:
         raise RuntimeError(f"the reference cDCGAN ended with exit code {code}; see {log}")
-    done = {**json.loads(record.read_text()), "num": num}
+    done = {**json.loads(record.read_text()), "num": num, "commit": commit()}
     record.write_text(json.dumps(done, indent=1) + "\n")
     return done
 
@@ -168,7 +179,7 @@ def run_watched(cmd: list[str], log: Path, budget_s: float | None = None, mode: 
 def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s: float, log: Path) -> dict:
     """Train until the process has used `budget_s` CPU seconds, then stop it (SIGTERM -> checkpoint, exit 75)
     and write the export from that checkpoint. Returns steps, CPU and wall seconds."""
-    done_marker = run_dir / "budget.json"
+    done_marker = run_dir / BUDGET_RECORD
     if done_marker.is_file():
         done = json.loads(done_marker.read_text())
         if done.get("budget_s") == budget_s and done.get("overrides", overrides) == overrides:
@@ -185,7 +196,8 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
     if run_watched([*base, f"train.steps={steps}"], log, mode="a")[0] != 0:
         raise RuntimeError(f"writing the export of {run_dir.name} failed; see {log}")
     result = {"budget_s": budget_s, "steps": steps, "cpu_s": round(used, 1),
-              "wall_s": round(time.monotonic() - start, 1), "overrides": overrides}
+              "wall_s": round(time.monotonic() - start, 1), "overrides": overrides,
+              "commit": commit()}  # the code that trained it (a later rerun may reuse it on other code)
     done_marker.write_text(json.dumps(result))
     return result
 
@@ -307,6 +319,12 @@ def goal_lines(judged: list[dict]) -> list[str]:
     return lines
 
 
+def result_text(result: dict, cache: Path) -> str:
+    """The result file's JSON, the extractor cache's folder written as CACHE_NAME: the file is committed
+    beside the README, so it holds no path of the machine that measured it."""
+    return json.dumps(result, indent=1).replace(json.dumps(str(cache))[1:-1], CACHE_NAME)
+
+
 def commit() -> str:
     """The commit measured, with "+changes" when the work tree differs from it."""
     def git(*a: str) -> str:
@@ -390,8 +408,7 @@ def main() -> int:
     extractor = resolve_extractor(train, test, cfg.extractor, cfg.cache, cfg.extractor_epochs, cfg.seed)
     jobs = [(family, label, config, train if k is None else k_set(train, work / "data", k), name)
             for family, label, config, k, name in planned]
-    reused = sum((work / ("synth" if job[0] == REFERENCE else "runs") / job[4] /
-                  ("training.json" if job[0] == REFERENCE else "budget.json")).is_file() for job in jobs)
+    reused = sum(training_record(work, job[0], job[4]).is_file() for job in jobs)
     # 1. every generator on its CPU budget; concurrently (--parallel): CPU time, not wall time, is the budget
     print(f"== training {len(jobs)} generators, {args.budget:g} CPU-min each, {args.parallel} at a time", flush=True)
 
@@ -466,8 +483,9 @@ def main() -> int:
     print("\n".join(["", *protocol, "", *table(rows), "", *goal_lines(judged)]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"protocol": protocol, "commit": measured_on, "goals": judged,
-                                               "rows": rows, "details": details, "failed": failed}, indent=1))
+        Path(args.json).write_text(result_text({"protocol": protocol, "commit": measured_on, "goals": judged,
+                                                "rows": rows, "details": details, "failed": failed},
+                                               cache_root(cfg.cache)))
     return 1 if failed else 0
 
 

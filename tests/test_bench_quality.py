@@ -59,6 +59,16 @@ def test_commit_names_the_checkout(quality):
     assert len(quality.commit().split("+")[0]) == 40
 
 
+def test_result_file_holds_no_path_of_the_cache(quality, tmp_path):
+    """The result file is committed: the extractor cache's folder (this machine's home) is written as a name."""
+    cache = tmp_path / "home" / ".cache" / "gensynth"
+    result = {"details": [{"metrics": {"extractor": {"folder": str(cache / "extractors" / "abc" / "def")}}}]}
+    text = quality.result_text(result, cache)
+    assert str(tmp_path) not in text
+    folder = json.loads(text)["details"][0]["metrics"]["extractor"]["folder"]
+    assert folder == f"{quality.CACHE_NAME}/extractors/abc/def"
+
+
 def test_render_prints_a_saved_result_without_running(tmp_path):
     rows = [{**_row("gan", "all 60000", cas_ratio=0.5, recall=0.1), "steps": 10, "cpu_min": 1.0, "fid": 30.0,
              "fid_floor": 0.1, "kid_x1000": 1.0, "kid_floor_x1000": 0.0, "precision": 0.8, "precision_floor": 0.9,
