@@ -272,6 +272,18 @@ def test_verdict_from_the_paired_gain_and_its_spread():
     assert skipped["verdict"] == "unknown" and skipped["advice"] == "No K set."
 
 
+def test_without_augmentation_the_verdict_says_what_the_set_is_worth_alone_and_whether_it_copies():
+    """A full-data generator (the demo's) has no augmentation gain: its first lines still give CAS and copying."""
+    cas = {"cas": 0.6381, "real_accuracy": 0.8468, "ratio": 0.7535}
+    v = verdict({"skipped": "the generator was trained on all of train"}, {"near_copy_fraction": 0.0,
+                                                                         "real_floor_fraction": 0.0019}, cas=cas)
+    assert v["verdict"] == "unknown" and v["line"].startswith("UNKNOWN as augmentation")
+    assert "carries 0.75 of real data's value: 63.8% test accuracy against 84.7%" in v["line"]
+    assert v["advice"].endswith("It does not copy: 0.00% of its samples are near-copies of the generator's training "
+                                "images (real floor 0.19%).")
+    assert "CAS" not in verdict({"skipped": "x"}, cas={"skipped": "eval.cas=false"})["line"]
+
+
 def test_the_verdict_leads_the_report_and_the_summary(evaluated):
     metrics, report = evaluated["test"]["metrics"], evaluated["test"]["report"]
     v = metrics["verdict"]

@@ -163,25 +163,36 @@ def agreeing(model: SmallCNN, synthetic: ImageSet) -> ImageSet:
 
 
 def _copies(memorisation: dict[str, Any] | None) -> str:
+    """Whether the model copies, said either way when it was measured (a team publishing the set must know)."""
     if not memorisation or "near_copy_fraction" not in memorisation:
         return ""
     near, floor = memorisation["near_copy_fraction"], memorisation["real_floor_fraction"]
     if near <= COPIES_FLOOR or near <= 2 * floor:
-        return ""
+        return (f" It does not copy: {100 * near:.2f}% of its samples are near-copies of the generator's training "
+                f"images (real floor {100 * floor:.2f}%).")
     return (f" It copies: {100 * near:.1f}% of its samples are near-copies of the generator's training images "
             f"(real floor {100 * floor:.1f}%), so part of any gain may be those images replayed.")
 
 
+def _alone(cas: dict[str, Any] | None) -> str:
+    """What the set is worth trained on alone (CAS), when that was measured."""
+    if not cas or "ratio" not in cas:
+        return ""
+    return (f" Trained on alone it carries {cas['ratio']:.2f} of real data's value: {100 * cas['cas']:.1f}% test "
+            f"accuracy against {100 * cas['real_accuracy']:.1f}% for as many real samples (CAS).")
+
+
 def verdict(augmentation: dict[str, Any], memorisation: dict[str, Any] | None = None,
-            mix: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Helps / neutral / hurts / unknown from the paired test gain over seeds: one line saying so, and advice."""
+            mix: dict[str, Any] | None = None, cas: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Helps / neutral / hurts / unknown from the paired test gain over seeds: one line saying so (with what
+    the set is worth alone, when CAS was measured), and advice (with whether the model copies, when measured)."""
     copies = _copies(memorisation)
     rule = "helps: mean paired gain > 2 x its standard error over seeds; hurts: < -2 x; else neutral"
     if "gain" not in augmentation:
         why = str(augmentation.get("skipped", "not run"))
-        return {"verdict": "unknown", "line": "UNKNOWN: the augmentation gain was not measured, so nothing says "
-                "whether the set helps as training data.", "advice": why[0].upper() + why[1:] + "." + copies,
-                "rule": rule}
+        return {"verdict": "unknown", "line": "UNKNOWN as augmentation: the augmentation gain was not measured, so "
+                "nothing says whether mixing the set into real data helps." + _alone(cas),
+                "advice": why[0].upper() + why[1:] + "." + copies, "rule": rule}
     gain, k, mix = augmentation["gain"], augmentation["k"], mix or {}
     n = len(gain["runs"])
     mean, se = gain["mean"], gain["std"] / n ** 0.5
@@ -204,7 +215,8 @@ def verdict(augmentation: dict[str, Any], memorisation: dict[str, Any] | None = 
         kind, advice = "hurts", "Don't use it for augmentation."
     else:
         kind, advice = "neutral", "No measurable gain over the augmented real data: not worth mixing in."
-    return {"verdict": kind, "line": f"{kind.upper()}: {figures}.", "advice": advice + copies, "rule": rule}
+    return {"verdict": kind, "line": f"{kind.upper()}: {figures}." + _alone(cas), "advice": advice + copies,
+            "rule": rule}
 
 
 def _local_or_url(url: str) -> str:

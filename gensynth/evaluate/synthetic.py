@@ -225,7 +225,7 @@ def evaluate_synthetic(synthetic: str, real_test: str, train: str | None = None,
     mix = usefulness.get("recommended_mix")
     metrics = {
         "format": "gensynth-eval/1",
-        "verdict": verdict(usefulness["augmentation"], mem_part, mix),
+        "verdict": verdict(usefulness["augmentation"], mem_part, mix, usefulness.get("cas")),
         "synthetic": {"url": synthetic, "samples": len(synth_all), "manifest_sha256": synth_all.manifest_sha256,
                       "family": prov.get("family"), "export": prov.get("export"),
                       "training_data": prov.get("training_data"),
