@@ -382,3 +382,14 @@ def test_nearest_with_faiss_equals_brute_force_exactly_and_the_approximate_index
     assert approx["exact"] is False and approx["lists"] == int(3000 ** 0.5)
     a_dist, a_index = nearest(queries, refs, exact_limit=1000)  # the IVF index: copies are still found
     assert torch.equal(a_index[:50], torch.arange(50)) and (a_dist >= brute_dist - 1e-3).all()
+
+
+def test_the_nearest_image_search_keeps_faiss_loader_noise_out_of_the_log():
+    """faiss logs each CPU-specific build it fails to find at INFO ("Could not load library ... due to:
+    ModuleNotFoundError"): read as an error by users, so the search quiets that logger before importing faiss."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO); "
+            "from gensynth.evaluate.memorisation import nearest; "
+            "nearest(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.ones(5, 1, 4, 4, dtype=torch.uint8))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "faiss" not in out.stderr.lower(), out.stderr

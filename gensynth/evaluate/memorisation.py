@@ -25,6 +25,7 @@ share a generator of perfectly fresh samples would get (reported next to it).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ def nearest(queries: torch.Tensor, refs: torch.Tensor,
             exact_limit: int = EXACT_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs. Searched
     with faiss (search_method says how); exact results equal nearest_brute's."""
+    # faiss's loader logs, at INFO, each CPU-specific build it tries and does not find: noise in a user's log
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     q, r = flatten_unit(queries).numpy(), flatten_unit(refs).numpy()
