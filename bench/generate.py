@@ -13,7 +13,9 @@ A sampler as fast as a GPU's (`--fast`): the family CachedFamily below serves im
 generator, so drawing costs nothing and the job is bound by encoding and writing. Its limit (c) is encoding
 the same images on every core (gensynth.data.codec.encode_images); ratio = job / limit, goal >= 0.9. The
 job runs with --writers = every core (its choice for a GPU's sampler: writer processes that each encode and
-write whole shards), and again with one writer (this process, encoding on threads) for comparison.
+write whole shards), and again with one writer (this process, encoding on threads) for comparison. (d) splits
+a sample's CPU: PNG encoding per core, and writing alone (keys, json, tar members, hash, file; one thread,
+images encoded before): on C cores the job can reach at most encode / (encode + write) of the limit.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine, report  # noqa: E402
 from gensynth.data.codec import encode_images  # noqa: E402
+from gensynth.data.writer import MetaTemplate, ShardSetWriter  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
 from gensynth.families import load_run_config, load_sampler  # noqa: E402
 from gensynth.families.base import Family  # noqa: E402
@@ -39,7 +42,7 @@ from gensynth.families.sampling import Sampler  # noqa: E402
 from gensynth.generate.job import generate  # noqa: E402
 from gensynth.generate.options import GenerateOptions  # noqa: E402
 from gensynth.generate.plan import build_job, interleaved_labels  # noqa: E402
-from gensynth.generate.shards import draw_shard  # noqa: E402
+from gensynth.generate.shards import WRITE_BATCH, draw_shard  # noqa: E402
 from gensynth.models.dcgan import Generator  # noqa: E402
 
 
@@ -95,6 +98,25 @@ def encode_rate(source: str, num: int) -> float:
     start = time.perf_counter()
     encode_images(batch, "png")
     return num / (time.perf_counter() - start)
+
+
+def write_cost_us(source: str, num: int, shard_size: int, out: Path) -> float:
+    """Microseconds per sample of writing alone (one thread, PNGs encoded beforehand): a shard's keys, json
+    and tar members in generation's batches, hashing, the file; what a free sampler's job adds to encoding."""
+    images = load_sampler(source).images
+    batch = images[torch.arange(num) % len(images)].permute(0, 2, 3, 1).numpy()
+    encoded = encode_images(batch, "png")
+    labels = [i % 10 for i in range(num)]
+    meta = MetaTemplate({"family": "cached", "seed": 0}, ("index", "class"))
+    start = time.perf_counter()
+    with ShardSetWriter(str(out), "synth", shard_size=shard_size) as writer:
+        for lo in range(0, num, WRITE_BATCH):
+            hi = min(lo + WRITE_BATCH, num)
+            index = list(range(lo, hi))
+            writer.add_many([f"synth-{i:08d}" for i in index], batch[lo:hi], encoded[lo:hi], labels[lo:hi],
+                            meta.many({"index": index, "class": [str(c) for c in labels[lo:hi]]}))
+        writer.end_shard()
+    return (time.perf_counter() - start) / num * 1e6
 
 
 def sampling_rate(source: str, num: int, shard_size: int, device: str) -> float:
@@ -157,20 +179,24 @@ def fast_main(args: argparse.Namespace) -> None:
         real = args.run or str(untrained_export(args.config, Path(tmp) / "export"))
         source = str(cached_export(real, Path(tmp) / "cached"))
         job_rate(source, min(args.num, 2 * args.shard_size), args.shard_size, "cpu", Path(tmp) / "warm", writers)
-        limit, job, one = [], [], []
+        limit, job, one, write = [], [], [], []
         for i in range(args.repeats):
             limit.append(encode_rate(source, args.num))
+            write.append(write_cost_us(source, args.num, args.shard_size, Path(tmp) / f"write{i}"))
             job.append(job_rate(source, args.num, args.shard_size, "cpu", Path(tmp) / f"out{i}", writers))
             one.append(job_rate(source, args.num, args.shard_size, "cpu", Path(tmp) / f"one{i}", 1))
     result = {"encode_limit": max(limit), "job": max(job), "job_one_writer": max(one), "ratio": max(job) / max(limit),
+              "encode_us_per_core": 1e6 * (os.cpu_count() or 1) / max(limit), "write_us": min(write),
               "protocol": {"sampler": "CachedFamily (free), images of the untrained gan_fashion generator",
                            "num": args.num, "shard_size": args.shard_size, "encoding": "png",
                            "encoder_threads": os.cpu_count(), "writers": writers, "repeats": args.repeats,
                            "statistic": "best of repeats", **machine(), "all_limit": limit, "all_job": job,
-                           "all_job_one_writer": one}}
+                           "all_job_one_writer": one, "all_write_us": write}}
     rows = [("(c) limit: PNG encoding on every core", f"{result['encode_limit']:,.0f}"),
             (f"(b) generation job with a free sampler, {writers} writers", f"{result['job']:,.0f}"),
-            ("    the same with one writer (encoding threads)", f"{result['job_one_writer']:,.0f}")]
+            ("    the same with one writer (encoding threads)", f"{result['job_one_writer']:,.0f}"),
+            ("(d) us per sample: PNG encoding, per core", f"{result['encode_us_per_core']:.1f}"),
+            ("    us per sample: writing alone (one thread, encoded before)", f"{result['write_us']:.1f}")]
     report(result, "samples/s", rows,
            f"ratio job / encode limit {result['ratio']:.2f} (goal >= 0.9)", args.json)
 
