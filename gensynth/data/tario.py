@@ -320,9 +320,10 @@ class TarShardWriter:
 
     def write_many(self, keys: Sequence[str], fields: Mapping[str, Sequence[bytes]]) -> None:
         """`write(keys[i], {ext: fields[ext][i] for ext in fields})` for every i, in one write: the same
-        bytes, with the headers built for all samples at once (per sample, write's Python was a fifth of a
-        generation job's CPU beside PNG encoding). Each run of a sample's headers and one-block values is laid
-        out as a fixed-width row of one array, so only the larger values are joined one by one."""
+        bytes, with the headers built for all samples at once (write's Python per sample was a large share of
+        a generation job's CPU beside PNG encoding: bench/generate.py --fast, row d). Each run of a sample's
+        headers and one-block values is laid out as a fixed-width row of one array, so only the larger values
+        are joined one by one."""
         n = len(keys)
         if n == 0:
             return
@@ -373,4 +374,3 @@ class TarShardWriter:
         """Write the end-of-archive marker; the caller closes the file (tarfile does not own it)."""
         end = self._offset + 2 * BLOCK
         self._put(bytes(2 * BLOCK + (-end) % RECORD))
-

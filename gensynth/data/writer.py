@@ -149,23 +149,13 @@ class ShardSetWriter:
             if image is None:
                 raise ValueError(f"sample {key}: no image, the samples before it have one")
             image = as_hwc(image)
-            if self.image_shape is None:
-                if self.labelled is not None:  # samples were added before, without an image
-                    raise ValueError(f"sample {key}: has an image, the samples before it have none")
-                self.image_shape = image.shape
-            elif image.shape != self.image_shape:
-                raise ValueError(f"sample {key}: image is {image.shape[1]}x{image.shape[0]}x{image.shape[2]}, "
-                                 f"the set so far is {self.image_shape[1]}x{self.image_shape[0]}x"
-                                 f"{self.image_shape[2]} (one size per shard set)")
+            self._check_image_shape(key, image.shape)
             fields[self.encoding] = encode_image(image, self.encoding) if encoded is None else encoded
         if arrays or self.arrays != {}:  # (a set known to have no arrays and a sample without: nothing to check)
             fields.update(self._array_fields(key, arrays or {}))
         if not fields:
             raise ValueError(f"sample {key}: needs an image or at least one array")
-        if self.labelled is None:
-            self.labelled = label is not None
-        elif self.labelled != (label is not None):
-            raise ValueError(f"sample {key}: some samples have a label and some do not")
+        self._check_labelled(key, label is not None)
         if label is not None:
             fields["cls"] = str(int(label)).encode("ascii")
             self.histogram[int(label)] += 1
@@ -193,18 +183,8 @@ class ShardSetWriter:
             return self.add_many(keys[room:], images[room:], encoded[room:], labels[room:], metas[room:], rest)
         if n == 0:
             return
-        shape = tuple(images.shape[1:])
-        if self.image_shape is None:
-            if self.labelled is not None:
-                raise ValueError(f"sample {keys[0]}: has an image, the samples before it have none")
-            self.image_shape = shape
-        elif shape != tuple(self.image_shape):
-            raise ValueError(f"sample {keys[0]}: image is {shape[1]}x{shape[0]}x{shape[2]}, the set so far is "
-                             f"{self.image_shape[1]}x{self.image_shape[0]}x{self.image_shape[2]} (one size per "
-                             "shard set)")
-        if self.labelled is False:
-            raise ValueError(f"sample {keys[0]}: some samples have a label and some do not")
-        self.labelled = True
+        self._check_image_shape(keys[0], tuple(images.shape[1:]))
+        self._check_labelled(keys[0], True)
         fields: dict[str, list[bytes]] = {self.encoding: encoded, "cls": [b"%d" % label for label in labels],
                                           "json": metas}
         if arrays or self.arrays != {}:
@@ -229,10 +209,7 @@ class ShardSetWriter:
         if (tuple(image_shape), dict(arrays)) != (self.image_shape, self.arrays or {}):
             raise ValueError(f"sample {key}: image {tuple(image_shape)} and arrays {self._describe(arrays)}, the set "
                              f"so far has {self.image_shape} and {self._describe(self.arrays or {})}")
-        if self.labelled is None:
-            self.labelled = label is not None
-        elif self.labelled != (label is not None):
-            raise ValueError(f"sample {key}: some samples have a label and some do not")
+        self._check_labelled(key, label is not None)
         if label is not None:
             self.histogram[int(label)] += 1
         if self._tar is None:
@@ -240,6 +217,24 @@ class ShardSetWriter:
         self._tar.write(key, fields)
         if self._tar.count >= self.shard_size:
             self.end_shard()
+
+    def _check_image_shape(self, key: str, shape: tuple[int, ...]) -> None:
+        """The first image fixes the set's (H, W, C); every later one must have it."""
+        if self.image_shape is None:
+            if self.labelled is not None:  # samples were added before, without an image
+                raise ValueError(f"sample {key}: has an image, the samples before it have none")
+            self.image_shape = tuple(shape)
+        elif tuple(shape) != tuple(self.image_shape):
+            raise ValueError(f"sample {key}: image is {shape[1]}x{shape[0]}x{shape[2]}, the set so far is "
+                             f"{self.image_shape[1]}x{self.image_shape[0]}x{self.image_shape[2]} (one size per "
+                             "shard set)")
+
+    def _check_labelled(self, key: str, labelled: bool) -> None:
+        """The first sample says whether the set is labelled; every later one must agree."""
+        if self.labelled is None:
+            self.labelled = labelled
+        elif self.labelled != labelled:
+            raise ValueError(f"sample {key}: some samples have a label and some do not")
 
     def _array_fields(self, key: str, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
         """npy fields for the sample's arrays; the first sample fixes each array's name, dtype and shape."""
