@@ -266,8 +266,12 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                                              soft))
                 continue
             draft = ShardDraft(info, job, k, images, shard_labels, scores, dropped, out, soft).write()
-            while pending:  # shard k-1 was published (a wait on storage) while shard k was written
-                result.add(pending.popleft().result())
+            try:
+                while pending:  # shard k-1 was published (a wait on storage) while shard k was written
+                    result.add(pending.popleft().result())
+            except BaseException as e:  # shard k-1 failed (a full disk): shard k is not left half done
+                draft.abort(e)
+                raise
             pending.append(writer.submit(draft.publish))
         while pending:
             result.add(pending.popleft().result())

@@ -130,9 +130,13 @@ class ShardDraft:
                     crash_point("generate.write")  # the shard's temporary file is half written
                 start = end
         except BaseException as e:
-            self.writer.abort(e)
+            self.abort(e)
             raise
         return self
+
+    def abort(self, exc: BaseException) -> None:
+        """Drop the shard's temporary file (the draft will not be published)."""
+        self.writer.abort(exc)
 
     def publish(self) -> dict[str, Any]:
         """Publish the shard whole, then its receipt (which carries the shard's schema, for the manifest);
@@ -140,7 +144,7 @@ class ShardDraft:
         try:
             self.writer.end_shard()
         except BaseException as e:
-            self.writer.abort(e)
+            self.abort(e)
             raise
         written = self.writer.shards[0]
         counts = np.bincount(self.labels, minlength=len(self.info.classes))
