@@ -14,8 +14,8 @@ generator, so drawing costs nothing and the job is bound by encoding and writing
 the same images on every core (gensynth.data.codec.encode_images); ratio = job / limit, goal >= 0.9. The
 job runs with --writers = every core (its choice for a GPU's sampler: writer processes that each encode and
 write whole shards), and again with one writer (this process, encoding on threads) for comparison. (d) splits
-a sample's CPU: PNG encoding per core, and writing alone (keys, json, tar members, hash, file; one thread,
-images encoded before): on C cores the job can reach at most encode / (encode + write) of the limit.
+a sample's CPU: PNG encoding per core, and writing alone (keys, json, tar members, hash, file, receipt;
+one thread, images encoded before): on C cores the job can reach at most encode / (encode + write) of the limit.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,6 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import machine, report  # noqa: E402
 from gensynth.data.codec import encode_images  # noqa: E402
-from gensynth.data.writer import MetaTemplate, ShardSetWriter  # noqa: E402
 from gensynth.export import save_export  # noqa: E402
 from gensynth.families import load_run_config, load_sampler  # noqa: E402
 from gensynth.families.base import Family  # noqa: E402
@@ -42,7 +42,7 @@ from gensynth.families.sampling import Sampler  # noqa: E402
 from gensynth.generate.job import generate  # noqa: E402
 from gensynth.generate.options import GenerateOptions  # noqa: E402
 from gensynth.generate.plan import build_job, interleaved_labels  # noqa: E402
-from gensynth.generate.shards import WRITE_BATCH, draw_shard  # noqa: E402
+from gensynth.generate.shards import SetInfo, ShardDraft, draw_shard  # noqa: E402
 from gensynth.models.dcgan import Generator  # noqa: E402
 
 
@@ -101,21 +101,19 @@ def encode_rate(source: str, num: int) -> float:
 
 
 def write_cost_us(source: str, num: int, shard_size: int, out: Path) -> float:
-    """Microseconds per sample of writing alone (one thread, PNGs encoded beforehand): a shard's keys, json
-    and tar members in generation's batches, hashing, the file; what a free sampler's job adds to encoding."""
-    images = load_sampler(source).images
-    batch = images[torch.arange(num) % len(images)].permute(0, 2, 3, 1).numpy()
-    encoded = encode_images(batch, "png")
-    labels = [i % 10 for i in range(num)]
-    meta = MetaTemplate({"family": "cached", "seed": 0}, ("index", "class"))
+    """Microseconds per sample of writing alone (one thread, PNGs encoded beforehand): the job's own shard
+    drafts (keys, json, tar members in batches, hashing, the file, its publication and receipt), given the
+    encoded images; what a free sampler's job adds to encoding."""
+    sampler = load_sampler(source)
+    job = build_job(sampler, source, GenerateOptions(num=num, shard_size=shard_size))
+    labels = interleaved_labels(list(job.counts))
+    batch = sampler.images[torch.arange(num) % len(sampler.images)].permute(0, 2, 3, 1).numpy()
+    encoded = encode_images(batch, job.encoding)
+    info, dropped = SetInfo.of(sampler), np.zeros(sampler.num_classes, dtype=np.int64)
     start = time.perf_counter()
-    with ShardSetWriter(str(out), "synth", shard_size=shard_size) as writer:
-        for lo in range(0, num, WRITE_BATCH):
-            hi = min(lo + WRITE_BATCH, num)
-            index = list(range(lo, hi))
-            writer.add_many([f"synth-{i:08d}" for i in index], batch[lo:hi], encoded[lo:hi], labels[lo:hi],
-                            meta.many({"index": index, "class": [str(c) for c in labels[lo:hi]]}))
-        writer.end_shard()
+    for k in range(job.num_shards):
+        lo, hi = job.shard_range(k)
+        ShardDraft(info, job, k, batch[lo:hi], labels[lo:hi], None, dropped, str(out)).write(encoded[lo:hi]).publish()
     return (time.perf_counter() - start) / num * 1e6
 
 

@@ -126,6 +126,26 @@ def test_same_seed_same_bytes_other_seed_other_images(tiny_gan, tmp_path):
     assert len(shards) == 3 and all(runs["a"][k] != runs["c"][k] for k in shards)
 
 
+def test_a_shard_written_from_bytes_encoded_beforehand_is_the_shard_the_job_writes(tiny_gan, tmp_path):
+    # bench/generate.py times writing alone this way: it must be the job's own writing
+    from gensynth.data.codec import encode_images
+    from gensynth.families import load_sampler
+    from gensynth.generate.options import GenerateOptions
+    from gensynth.generate.plan import build_job
+    from gensynth.generate.shards import SetInfo, ShardDraft, draw_shard
+
+    assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "job"), "--num", "1100", "--shard-size", "600"]) == 0
+    sampler = load_sampler(str(tiny_gan))
+    job = build_job(sampler, str(tiny_gan), GenerateOptions(num=1100, shard_size=600))
+    labels = interleaved_labels(list(job.counts))
+    for k in range(job.num_shards):  # 600 samples (more than one write batch), then 500
+        images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k)
+        ShardDraft(SetInfo.of(sampler), job, k, images, shard_labels, scores, dropped,
+                   str(tmp_path / "encoded")).write(encode_images(images, job.encoding)).publish()
+    job_files = tree(tmp_path / "job")
+    assert {k: job_files[k] for k in tree(tmp_path / "encoded")} == tree(tmp_path / "encoded")
+    assert len(tree(tmp_path / "encoded")) == 4  # two shards, two receipts
+
 def test_two_processes_write_the_same_shards_as_one(tiny_gan, tmp_path):
     one = gensynth("-q", "generate", str(tiny_gan), str(tmp_path / "one"), "--num", "130", "--shard-size", "20")
     assert one.returncode == 0, one.stderr[-3000:]

@@ -99,6 +99,23 @@ def test_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_files(com
         assert not (out / "manifest.json").exists()
 
 
+def test_a_failed_publication_aborts_the_shard_written_meanwhile(tiny_gan, tmp_path):
+    # shard k is written while shard k-1 is published on a thread; here every receipt fails to be written
+    # (its folder is a file), so the wait on shard 0's publication fails after shard 1 was written. In
+    # process, so that a draft left open (its temporary file alive until the process exits) would show.
+    from gensynth.errors import GensynthError
+    from gensynth.generate.job import generate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".receipts").write_bytes(b"not a folder")
+    with pytest.raises(GensynthError, match="cannot write receipt ") as failed:
+        generate(str(tiny_gan), str(out), num=300, shard_size=100)
+    assert "\n" not in str(failed.value)
+    assert temporary_files(out) == []  # shard 1's draft was removed at once
+    assert sorted(p.name for p in out.glob("synth-*.tar")) == ["synth-000000.tar"]  # no receipt: a rerun redoes it
+    assert not (out / "manifest.json").exists()
+
 # ---------------------------------------------------------------------------------- debris of killed runs
 
 

@@ -107,8 +107,9 @@ class ShardDraft:
         # one place more than the shard holds: the shard is published by publish(), not by its last sample
         self.writer = ShardSetWriter(out, SPLIT, shard_size=len(labels) + 1, encoding=job.encoding, first_index=k)
 
-    def write(self) -> ShardDraft:
-        """Encode and write every sample into the shard's temporary file (removed if this fails)."""
+    def write(self, encoded: list[bytes] | None = None) -> ShardDraft:
+        """Encode and write every sample into the shard's temporary file (removed if this fails).
+        `encoded`: the samples' image bytes, encoded beforehand (bench/generate.py times writing alone)."""
         job, info, n = self.job, self.info, len(self.labels)
         lo, _ = job.shard_range(self.k)
         meta = MetaTemplate({"family": info.family, "export_sha256": job.export_weights_sha256, "seed": job.seed,
@@ -117,13 +118,15 @@ class ShardDraft:
         labels = self.labels.tolist()
         try:
             start = 0
-            for encoded in _batched(encode_chunks(self.images, job.encoding, self.encode_threads), WRITE_BATCH):
-                end = start + len(encoded)
+            chunks = (encode_chunks(self.images, job.encoding, self.encode_threads) if encoded is None else
+                      (encoded[i:i + WRITE_BATCH] for i in range(0, n, WRITE_BATCH)))
+            for batch in _batched(chunks, WRITE_BATCH):
+                end = start + len(batch)
                 columns = {"index": list(range(lo + start, lo + end)), "class": [info.classes[c] for c in
                                                                                  labels[start:end]]}
                 if self.scores is not None:  # the filter classifier's probability of the label
                     columns["score"] = [round(float(x), 6) for x in self.scores[start:end]]
-                self.writer.add_many([job.key(i) for i in columns["index"]], self.images[start:end], encoded,
+                self.writer.add_many([job.key(i) for i in columns["index"]], self.images[start:end], batch,
                                      labels[start:end], meta.many(columns),
                                      None if self.soft is None else {SOFT_ARRAY: self.soft[start:end]})
                 if start < n // 2 <= end:
