@@ -262,3 +262,15 @@ def test_encoding_on_every_core_gives_the_bytes_of_encoding_one_by_one():
         one_by_one = [encode_image(image, encoding) for image in images]
         assert encode_images(images, encoding, threads=2) == one_by_one
         assert encode_images(images, encoding, threads=1) == one_by_one
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_a_batch_of_pngs_is_the_bytes_of_encoding_each(channels):
+    from gensynth.data.codec import encode_pngs
+
+    images = np.random.default_rng(channels).integers(0, 256, (5, 6, 11, channels), dtype=np.uint8)
+    images[1] = 0  # compresses to much less than its neighbours
+    assert encode_pngs(images) == [encode_png(image) for image in images]
+    assert encode_pngs(images[:0]) == []
+    with pytest.raises(ValueError, match="uint8 NxHxWxC"):
+        encode_pngs(images.astype(np.int16))

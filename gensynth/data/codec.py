@@ -63,9 +63,33 @@ def encode_png(image: np.ndarray, level: int = 6) -> bytes:
     h, w, c = image.shape
     rows = np.zeros((h, 1 + w * c), dtype=np.uint8)
     rows[:, 1:] = image.reshape(h, w * c)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
+    ihdr = _IHDR.pack(w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
     return b"".join([PNG_SIGNATURE, _chunk(b"IHDR", ihdr),
                      _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)), _chunk(b"IEND", b"")])
+
+
+_IDAT_CRC = zlib.crc32(b"IDAT")  # the chunk's CRC covers its tag: zlib.crc32(data, _IDAT_CRC) continues it
+_IEND = _chunk(b"IEND", b"")
+
+
+def encode_pngs(images: np.ndarray, level: int = 6) -> list[bytes]:
+    """encode_png for each of a uint8 [n, H, W, C] batch, the same bytes: the rows' filter bytes for the
+    whole batch in one numpy step and one header, so a thread spends its time in zlib (which releases the
+    GIL) instead of in Python (bench/generate.py row (d) measures it)."""
+    n, h, w, c = images.shape
+    if images.dtype != np.uint8 or c not in _COLOR_TYPE:
+        raise ValueError(f"expected uint8 NxHxWxC images with C in 1..4, got {images.dtype} {images.shape}")
+    size = h * (1 + w * c)  # a row: its filter byte (0), then its pixels
+    rows = np.zeros((n, h, 1 + w * c), dtype=np.uint8)
+    rows[:, :, 1:] = images.reshape(n, h, w * c)
+    pixels = memoryview(rows.reshape(-1))
+    head = PNG_SIGNATURE + _chunk(b"IHDR", _IHDR.pack(w, h, 8, _COLOR_TYPE[c], 0, 0, 0))
+    out = []
+    for start in range(0, n * size, size):
+        data = zlib.compress(pixels[start:start + size], level)
+        out.append(b"".join((head, _LENGTH.pack(len(data)), b"IDAT", data,
+                             _LENGTH.pack(zlib.crc32(data, _IDAT_CRC)), _IEND)))
+    return out
 
 
 def encode_npy(image: np.ndarray) -> bytes:
@@ -97,15 +121,19 @@ def encode_chunks(images: Any, encoding: str, threads: int | None = None) -> Ite
     handed to the threads before this returns, so a caller writes chunk i while the later ones encode."""
     global _ENCODERS
     workers = threads or os.cpu_count() or 1
+    batched = encoding == "png" and isinstance(images, np.ndarray) and images.ndim == 4
+
+    def encode(chunk: Any) -> list[bytes]:
+        return encode_pngs(chunk) if batched else [encode_image(image, encoding) for image in chunk]
+
+    chunks = [images[i:i + ENCODE_CHUNK] for i in range(0, len(images), ENCODE_CHUNK)]
     if workers == 1 or len(images) <= ENCODE_CHUNK:
-        return ([encode_image(image, encoding) for image in images[i:i + ENCODE_CHUNK]]
-                for i in range(0, len(images), ENCODE_CHUNK))
+        return (encode(chunk) for chunk in chunks)
     if _ENCODERS is None or _ENCODERS._max_workers != workers:
         from concurrent.futures import ThreadPoolExecutor
 
         _ENCODERS = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gensynth-encode")
-    chunks = [images[i:i + ENCODE_CHUNK] for i in range(0, len(images), ENCODE_CHUNK)]
-    return _ENCODERS.map(lambda c: [encode_image(im, encoding) for im in c], chunks)
+    return _ENCODERS.map(encode, chunks)
 
 
 def check_image_size(height: int, width: int, shape: tuple[int, ...] | None, what: str = "image") -> None:
