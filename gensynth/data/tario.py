@@ -11,6 +11,7 @@ faster than `tarfile` on small members, and it tells a truncated shard from a co
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
@@ -263,30 +264,44 @@ _SIZE_SHIFTS = 3 * np.arange(10, -1, -1)  # the 11 octal digits of the size fiel
 _CHECKSUM_SHIFTS = 3 * np.arange(5, -1, -1)  # the checksum's 6 octal digits
 
 
-def ustar_headers(names: Sequence[str], sizes: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-    """ustar_header for many members at once: uint8 [n, 512], row i the header of (names[i], sizes[i]),
-    written into `out` when given (a view [n, 512]). Names of one byte length (a generation job's keys) are
-    filled in with one numpy assignment per field; others fall back to ustar_header row by row."""
+def ustar_headers(names: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
+    """ustar_header for many members at once: uint8 [n, 512], row i the header of (names[i], sizes[i]).
+    Names of one byte length (a generation job's keys) are filled in with one numpy assignment per field;
+    others fall back to ustar_header row by row."""
     encoded = [name.encode("utf-8") for name in names]
     sizes = np.asarray(sizes, dtype=np.int64)
-    headers = np.empty((len(encoded), BLOCK), dtype=np.uint8) if out is None else out
     length = len(encoded[0]) if encoded else 0
-    if not encoded or any(len(e) != length for e in encoded) or length > 100 or (sizes >= 8**11).any():
-        headers[:] = np.frombuffer(b"".join([ustar_header(n, int(s)) for n, s in zip(names, sizes)]),
-                                   dtype=np.uint8).reshape(len(encoded), BLOCK)
-        return headers
+    if encoded and all(len(e) == length for e in encoded) and length <= 100 and (sizes < 8**11).all():
+        return _ustar_rows(np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(encoded), length), sizes)
+    return np.frombuffer(b"".join([ustar_header(n, int(s)) for n, s in zip(names, sizes)]),
+                         dtype=np.uint8).reshape(len(encoded), BLOCK)
+
+
+def _ustar_rows(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The headers of members named by the rows of uint8 [n, L] (L <= 100) with sizes < 8**11."""
+    headers = np.empty((len(names), BLOCK), dtype=np.uint8)
     headers[:] = _TEMPLATE_ROW
-    name_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(encoded), length)
-    headers[:, :length] = name_bytes
+    headers[:, :names.shape[1]] = names
     digits = ((sizes[:, None] >> _SIZE_SHIFTS) & 7) + ord("0")
     headers[:, 124:135] = digits
-    checksum = _USTAR_TEMPLATE_SUM + name_bytes.sum(axis=1, dtype=np.int64) + digits.sum(axis=1)
+    checksum = _USTAR_TEMPLATE_SUM + names.sum(axis=1, dtype=np.int64) + digits.sum(axis=1)
     headers[:, 148:154] = ((checksum[:, None] >> _CHECKSUM_SHIFTS) & 7) + ord("0")
     headers[:, 154] = 0
     headers[:, 155] = ord(" ")
     return headers
 
 
+def _same_length_bytes(keys: Sequence[str]) -> np.ndarray | None:
+    """The keys' UTF-8 bytes as uint8 [n, L] when they all have one length L, else None."""
+    encoded = [key.encode("utf-8") for key in keys]
+    length = len(encoded[0])
+    if any(len(e) != length for e in encoded):
+        return None
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(encoded), length)
+
+
+_BATCH_BUFFER = threading.local()  # write_many's blocks, one buffer per thread
+KEPT_BLOCKS = 1 << 15  # 16 MiB: a generation batch (512 samples of a few blocks) fits many times over
 RECORD = 20 * BLOCK  # tarfile pads an archive to a multiple of its record size
 
 
@@ -320,10 +335,9 @@ class TarShardWriter:
 
     def write_many(self, keys: Sequence[str], fields: Mapping[str, Sequence[bytes]]) -> None:
         """`write(keys[i], {ext: fields[ext][i] for ext in fields})` for every i, in one write: the same
-        bytes, with the headers built for all samples at once (write's Python per sample was a large share of
-        a generation job's CPU beside PNG encoding: bench/generate.py --fast, row d). Each run of a sample's
-        headers and one-block values is laid out as a fixed-width row of one array, so only the larger values
-        are joined one by one."""
+        bytes, laid out in one reused buffer of blocks: the headers of a field for all samples in one numpy
+        assignment, each value copied once into its place (write's Python and copies per sample were a large
+        share of a generation job's CPU beside PNG encoding: bench/generate.py --fast, row d)."""
         n = len(keys)
         if n == 0:
             return
@@ -337,38 +351,38 @@ class TarShardWriter:
             i = int(total.argmax())
             raise ValueError(f"sample {keys[i]!r} holds {int(total[i])} bytes, more than the {MAX_SAMPLE_BYTES} one "
                              "sample may hold")
-        small = {ext: bool(sizes[ext].min() > 0 and sizes[ext].max() <= BLOCK) for ext in exts}
-        columns: list[list[bytes]] = []  # sample i's bytes: columns[0][i], columns[1][i], ...
-        run: list[str] = []  # fields whose header (and, when small, value) go in the current fixed row
+        blocks = {ext: 1 + (sizes[ext] + BLOCK - 1) // BLOCK for ext in exts}  # a header, then the padded value
+        per_sample = sum(blocks.values())
+        at = np.cumsum(per_sample) - per_sample  # the block each sample starts at
+        out = self._blocks(int(per_sample.sum()))
+        flat = memoryview(out.reshape(-1))
+        key_bytes = _same_length_bytes(keys)
         for ext in exts:
-            run.append(ext)
-            if not small[ext]:
-                columns.append(self._fixed_rows(keys, fields, sizes, small, run))
-                columns.append(list(fields[ext]))
-                columns.append([_ZERO_BLOCK[:-len(v) % BLOCK] for v in fields[ext]])
-                run = []
-        if run:
-            columns.append(self._fixed_rows(keys, fields, sizes, small, run))
-        self._put(b"".join([part for parts in zip(*columns) for part in parts]))
+            suffix = np.frombuffer(f".{ext}".encode(), dtype=np.uint8)
+            if key_bytes is not None and key_bytes.shape[1] + len(suffix) <= 100 and int(sizes[ext].max()) < 8**11:
+                names = np.concatenate([key_bytes, np.broadcast_to(suffix, (n, len(suffix)))], axis=1)
+                out[at] = _ustar_rows(names, sizes[ext])
+            else:  # keys of several lengths; ustar_header refuses a name too long
+                out[at] = ustar_headers([f"{key}.{ext}" for key in keys], sizes[ext])
+            for start, value in zip(((at + 1) * BLOCK).tolist(), fields[ext]):
+                flat[start:start + len(value)] = value
+            at = at + blocks[ext]
+        self._put(flat)
         self.count += n
 
     @staticmethod
-    def _fixed_rows(keys: Sequence[str], fields: Mapping[str, Sequence[bytes]], sizes: Mapping[str, np.ndarray],
-                    small: Mapping[str, bool], run: list[str]) -> list[bytes]:
-        """Per sample, the headers of the fields in `run` with the values of the small ones (padded to a
-        block) between them: the bytes of one fixed-width row each."""
-        width = BLOCK * sum(2 if small[ext] else 1 for ext in run)
-        rows = np.zeros((len(keys), width), dtype=np.uint8)
-        at = 0
-        for ext in run:
-            ustar_headers([f"{key}.{ext}" for key in keys], sizes[ext], out=rows[:, at:at + BLOCK])
-            at += BLOCK
-            if small[ext]:
-                rows[:, at:at + BLOCK] = np.frombuffer(b"".join([v.ljust(BLOCK, b"\0") for v in fields[ext]]),
-                                                       dtype=np.uint8).reshape(len(keys), BLOCK)
-                at += BLOCK
-        joined = rows.tobytes()
-        return [joined[i:i + width] for i in range(0, len(joined), width)]
+    def _blocks(count: int) -> np.ndarray:
+        """`count` zeroed blocks, uint8 [count, 512], in a buffer this thread keeps from one batch (and
+        shard) to the next: a fresh one per batch cost a page fault every 4 KiB."""
+        buffer = getattr(_BATCH_BUFFER, "blocks", None)
+        if buffer is None or len(buffer) < count:
+            buffer = np.zeros((count, BLOCK), dtype=np.uint8)
+            if count <= KEPT_BLOCKS:  # a batch of large samples gets its own, not kept
+                _BATCH_BUFFER.blocks = buffer
+            return buffer
+        out = buffer[:count]
+        out[:] = 0
+        return out
 
     def close(self) -> None:
         """Write the end-of-archive marker; the caller closes the file (tarfile does not own it)."""
