@@ -62,8 +62,16 @@ class MetaTemplate:
     def many(self, columns: dict[str, list[Any]]) -> list[bytes]:
         """meta_json of many samples: columns[key][i] is sample i's value of each varying key."""
         form = "".join(text.replace("%", "%%") + "%s" for text, _ in self.parts) + self.tail.replace("%", "%%")
-        values = [list(map(_json_value, columns[key])) for _, key in self.parts]
+        values = [_json_column(columns[key]) for _, key in self.parts]
         return [(form % row).encode("ascii") for row in zip(*values)]
+
+
+def _json_column(values: list[Any]) -> list[str]:
+    """_json_value of each value; a column of strings (a class name per sample) encodes each distinct one once."""
+    if values and all(type(v) is str for v in values):
+        encoded = {v: json.encoder.encode_basestring_ascii(v) for v in set(values)}
+        return [encoded[v] for v in values]
+    return list(map(_json_value, values))
 
 
 def _json_value(value: Any) -> str:
@@ -185,9 +193,14 @@ class ShardSetWriter:
             return
         self._check_image_shape(keys[0], tuple(images.shape[1:]))
         self._check_labelled(keys[0], True)
-        fields: dict[str, list[bytes]] = {self.encoding: encoded, "cls": [b"%d" % label for label in labels],
-                                          "json": metas}
-        if arrays or self.arrays != {}:
+        # a class's cls bytes formatted once, not per sample (labels are class indices, few of them)
+        digits = [b"%d" % c for c in range(max(labels) + 1)] if 0 <= min(labels) and max(labels) < 4096 else None
+        fields: dict[str, list[bytes]] = {self.encoding: encoded, "json": metas,
+                                          "cls": [b"%d" % c for c in labels] if digits is None else
+                                          [digits[c] for c in labels]}
+        if self.arrays is None and not arrays:  # what _array_fields records for a sample without arrays
+            self.arrays = {}
+        if arrays or self.arrays:
             per_sample = [self._array_fields(key, {name: a[i] for name, a in (arrays or {}).items()})
                           for i, key in enumerate(keys)]
             for name in per_sample[0]:

@@ -99,7 +99,12 @@ class Job:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num)
 
     def key(self, index: int) -> str:
-        return f"{SPLIT}-{index:0{max(8, len(str(self.num - 1)))}d}"
+        return self.keys(index, index + 1)[0]
+
+    def keys(self, lo: int, hi: int) -> list[str]:
+        """The keys of samples lo..hi-1: zero-padded to one width across the job (at least 8 digits)."""
+        form = f"{SPLIT}-%0{max(8, len(str(self.num - 1)))}d"
+        return [form % i for i in range(lo, hi)]
 
 
 def my_shards(num_shards: int, worker: int, workers: int) -> list[int]:

@@ -126,7 +126,7 @@ class ShardDraft:
                                                                                  labels[start:end]]}
                 if self.scores is not None:  # the filter classifier's probability of the label
                     columns["score"] = [round(float(x), 6) for x in self.scores[start:end]]
-                self.writer.add_many([job.key(i) for i in columns["index"]], self.images[start:end], batch,
+                self.writer.add_many(job.keys(lo + start, lo + end), self.images[start:end], batch,
                                      labels[start:end], meta.many(columns),
                                      None if self.soft is None else {SOFT_ARRAY: self.soft[start:end]})
                 if start < n // 2 <= end:
