@@ -146,6 +146,28 @@ def test_a_shard_written_from_bytes_encoded_beforehand_is_the_shard_the_job_writ
     assert {k: job_files[k] for k in tree(tmp_path / "encoded")} == tree(tmp_path / "encoded")
     assert len(tree(tmp_path / "encoded")) == 4  # two shards, two receipts
 
+def test_a_run_writes_its_manifest_from_its_own_receipts_and_finalize_reads_every_shard(tiny_gan, tmp_path,
+                                                                                       monkeypatch):
+    # reading a set back to hash it is a second pass over all of it (on S3, a download): a run knows what
+    # it wrote; --finalize (array tasks) does not, and checks every shard
+    from gensynth import storage
+
+    hashed = []
+    sha256_of = storage.sha256_of
+    monkeypatch.setattr(storage, "sha256_of", lambda url: hashed.append(Path(url).name) or sha256_of(url))
+    out = tmp_path / "out"
+    first = generate(str(tiny_gan), str(out), num=60, shard_size=25)
+    assert hashed == [] and first.manifest is not None
+    (out / "manifest.json").unlink()
+    (out / "synth-000001.tar").unlink()
+    again = generate(str(tiny_gan), str(out), num=60, shard_size=25)  # the two left are checked, one redrawn
+    assert sorted(hashed) == ["synth-000000.tar", "synth-000002.tar"] and again.generated == 1
+    assert again.manifest.to_json() == first.manifest.to_json()
+    hashed.clear()
+    generate(str(tiny_gan), str(out), num=60, shard_size=25, finalize=True)
+    assert sorted(hashed) == ["synth-000000.tar", "synth-000001.tar", "synth-000002.tar"]
+    assert verify_shards(str(out), read_manifest(str(out))) == []
+
 def test_two_processes_write_the_same_shards_as_one(tiny_gan, tmp_path):
     one = gensynth("-q", "generate", str(tiny_gan), str(tmp_path / "one"), "--num", "130", "--shard-size", "20")
     assert one.returncode == 0, one.stderr[-3000:]

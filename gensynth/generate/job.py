@@ -71,11 +71,15 @@ class Result:
     seconds: float = 0.0
     manifest: Manifest | None = None
     finalized_only: bool = False  # --finalize: verified the shards and wrote the manifest, drew nothing
+    # receipts of the shards this run wrote (hashed as written) or found complete (re-hashed): finalize
+    # trusts them instead of reading those shards back
+    receipts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def add(self, receipt: dict[str, Any]) -> None:
         self.generated += 1
         self.samples += receipt["samples"]
         self.bytes += receipt["bytes"]
+        self.receipts[receipt["name"]] = receipt
 
     @property
     def samples_per_s(self) -> float:
@@ -140,14 +144,18 @@ FINALIZE_THREADS = 16  # shards verified at once by --finalize (storage round tr
 
 
 def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general",
-             teacher: Teacher | None = None, license: str = "") -> Manifest:
-    """Verify every shard against its receipt, then write the manifest (atomically, last)."""
+             teacher: Teacher | None = None, license: str = "",
+             known: dict[str, dict[str, Any]] | None = None) -> Manifest:
+    """Verify every shard against its receipt, then write the manifest (atomically, last). `known`: the
+    receipts of shards this process wrote or verified itself in this run, by name, taken as they are (reading
+    them back would cost a second pass over the whole set: on S3, a download of it)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
     names = [shard_name(SPLIT, k) for k in range(job.num_shards)]
     # on S3 each check is round trips (receipt, shard): a bounded pool keeps FINALIZE_THREADS in flight
     with ThreadPoolExecutor(max_workers=FINALIZE_THREADS, thread_name_prefix="gensynth-verify") as pool:
-        receipts = pool.map(lambda name: shard_is_done(out, name, job), names)
+        known = known or {}
+        receipts = pool.map(lambda name: known.get(name) or shard_is_done(out, name, job), names)
         checked = list(progress(zip(names, receipts), total=len(names), desc="verify", unit="shards"))
     for name, receipt in checked:
         if receipt is None:
@@ -243,13 +251,15 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     # publication (fsync, rename, receipt: waits on storage) overlaps the drawing of the next.
     overlap = on_gpu
     with StopRequest() as stop, ThreadPoolExecutor(max_workers=1, thread_name_prefix="gensynth-write") as writer, \
-            writer_processes(writers) as pool:
+            writer_processes(writers, on_gpu) as pool:
         pending: deque[Future] = deque()
         for k in progress(mine, total=len(mine), desc="generate", unit="shards"):
             if stop.requested:
                 break
-            if shard_is_done(out, shard_name(SPLIT, k), job) is not None:
+            done = shard_is_done(out, shard_name(SPLIT, k), job)
+            if done is not None:
                 result.skipped += 1
+                result.receipts[done["name"]] = done
                 continue
             images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
             soft = None if teacher is None else teacher.probabilities(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -283,7 +293,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license, result.receipts)
     if group:
         torch.distributed.barrier()
     return result
@@ -296,13 +306,21 @@ def _writer_process_init() -> None:
 
 
 @contextlib.contextmanager
-def writer_processes(writers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of `writers` forked processes that encode and write shards (None for one writer: this process)."""
+def writer_processes(writers: int, spare_cores: bool = False) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `writers` forked processes that encode and write shards (None for one writer: this process).
+    `spare_cores`: this process's torch threads keep to the cores the writers leave (a GPU sampler's process
+    draws little on the CPU)."""
     if writers <= 1:
         yield None
         return
     pool = ProcessPoolExecutor(max_workers=writers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_writer_process_init)
+    # the writers take a core each: torch's threads here would wait on the cores they hold (and spin while
+    # waiting), costing more than the little drawing they speed up (bench/generate.py --fast: 0.70 -> 0.83).
+    # A CPU sampler keeps its threads: there the drawing is the work.
+    threads = torch.get_num_threads()
+    if spare_cores:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - writers))
     try:
         yield pool
     except BrokenProcessPool:
@@ -310,6 +328,7 @@ def writer_processes(writers: int) -> Iterator[ProcessPoolExecutor | None]:
                             "kept: rerun the same command to finish the rest (or use --writers 1)") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _process_group(world: int) -> bool:
