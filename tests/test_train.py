@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from gensynth.export import ExportError, load_export
+from gensynth.families.gan.ema import standing_statistics
 from gensynth.models.dcgan import Generator
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE
 from gensynth.train.checkpoint import COMPLETE, latest_checkpoint, read_part
@@ -190,9 +191,18 @@ def test_export_reproduces_the_runs_ema_samples_and_refuses_tampering(toy_data, 
     ema_state = read_part(latest_checkpoint(run_dir(config) / "checkpoints"), "custom_0")["model"]
     ema = Generator(**export_cfg["architecture"])
     ema.load_state_dict(ema_state)
+    # the export is the EMA's weights with batch-norm statistics recomputed for them (gan.standing_batches),
+    # not the raw generator's statistics the checkpointed EMA carries
+    means = [k for k in tensors if k.endswith(".bn.running_mean")]
+    assert means and all(torch.equal(tensors[k], ema_state[k]) for k in tensors if ".bn." not in k)
+    assert not any(torch.equal(tensors[k], ema_state[k]) for k in means)
+    gen, y = torch.Generator().manual_seed(2), torch.arange(8) % 10
+    standing = standing_statistics(ema, lambda _: (torch.randn(8, 16, generator=gen), y), 50)
+    assert all(torch.equal(tensors[k], v) for k, v in standing.state_dict().items())
     z, y = torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 10
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(z, y), ema.eval()(z, y))
+        assert torch.equal(fresh.eval()(z, y), standing(z, y))
+        assert not torch.equal(fresh.eval()(z, y), ema.eval()(z, y))
     weights = run_dir(config) / "export" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF

@@ -36,6 +36,10 @@ class GANOptions:
     ema_kimg: float = option(10.0, "generator EMA half-life in thousands of images (Karras et al. 2020)", min=0.0)
     ema_rampup: float = option(0.05, "EMA half-life at most this share of images seen so far (StyleGAN2-ADA); "
                                "0 = no ramp-up", min=0.0)
+    standing_batches: int = option(50, "train-mode forwards (train.batch_size each) that recompute the EMA "
+                                   "generator's batch-norm statistics for its own weights before it samples or is "
+                                   "exported (standing statistics, Brock et al. 2019); 0 = keep the raw generator's",
+                                   min=0)
     diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
                               "(Zhao et al. 2020); empty = off", each_of=DIFFAUGMENT_POLICIES)
     lr_g: float = option(1e-4, "generator learning rate; TTUR: D learns faster than G (Heusel et al. 2017; "

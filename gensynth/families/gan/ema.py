@@ -2,12 +2,15 @@
 
 The half-life is given in images (`half_life_kimg` thousands), and ramps up with training: it is
 at most `rampup` x the images seen so far (StyleGAN2-ADA), so early samples are not averages of
-noise. Buffers (batch-norm statistics) are copied, not averaged.
+noise. Buffers (batch-norm statistics) are copied, not averaged: they belong to the raw weights, so before
+the averaged weights are used `standing_statistics` recomputes them for those weights (BigGAN's "standing
+statistics", Brock et al. 2019).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,3 +44,21 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.images_seen = int(state["images_seen"])
+
+
+@torch.no_grad()
+def standing_statistics(model: nn.Module, draw_inputs: Callable[[int], tuple[torch.Tensor, ...]],
+                        batches: int) -> nn.Module:
+    """A copy of `model` whose batch-norm statistics are the plain average over `batches` train-mode forwards
+    of `draw_inputs(i)`; `model` is left untouched. Deterministic when `draw_inputs` is."""
+    calibrated = copy.deepcopy(model)
+    norms = [m for m in calibrated.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None = cumulative average over the forwards since the reset
+    calibrated.train()
+    for i in range(batches):
+        calibrated(*draw_inputs(i))
+    for m, original in zip(norms, [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]):
+        m.momentum = original.momentum
+    return calibrated.eval()

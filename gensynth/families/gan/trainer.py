@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from gensynth.config import Config
 from gensynth.families.gan.augment import diff_augment, parse_policy
-from gensynth.families.gan.ema import EMA
+from gensynth.families.gan.ema import EMA, standing_statistics
 from gensynth.families.training import DataInfo, StepResult, Trainer, clip_and_step, set_learning_rate
 from gensynth.imaging import image_grid, to_uint8
 from gensynth.models.dcgan import Discriminator, Generator
@@ -59,6 +59,7 @@ class GANTrainer(Trainer):
         self.grid_cols = 10
         self.grid_labels = torch.arange(data.num_classes).repeat_interleave(self.grid_cols)
         self.grid_z = torch.randn(len(self.grid_labels), g.z_dim, generator=gen)
+        self._calibrated: tuple[int, torch.nn.Module] | None = None  # (images_seen, the EMA with standing stats)
 
     def train_step(self, real: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
         acc, g = self.accelerator, self.cfg.gan
@@ -116,11 +117,27 @@ class GANTrainer(Trainer):
     def learning_rates(self) -> dict[str, float]:
         return {"lr/g": self.opt_g.param_groups[0]["lr"], "lr/d": self.opt_d.param_groups[0]["lr"]}
 
+    def ema_generator(self) -> torch.nn.Module:
+        """The EMA generator with batch-norm statistics of its own weights (gan.standing_batches), recomputed
+        once per EMA update it is asked for; a copy, so checkpoints and the ranks' buffers are not touched.
+        Its noise comes from run.seed alone, so every rank, and a resumed run, computes the same statistics."""
+        seen = self.ema.images_seen
+        if self._calibrated is None or self._calibrated[0] != seen:
+            g, n, device = self.cfg.gan, self.cfg.train.batch_size, self.accelerator.device
+            model = self.ema.model
+            if g.standing_batches:
+                gen = torch.Generator().manual_seed(self.cfg.run.seed + 2)
+                labels = (torch.arange(n) % self.data.num_classes).to(device)
+                model = standing_statistics(
+                    model, lambda _: (torch.randn(n, g.z_dim, generator=gen).to(device), labels), g.standing_batches)
+            self._calibrated = (seen, model)
+        return self._calibrated[1]
+
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """uint8 [n, C, H, W] at the data's size, from the EMA generator."""
         device = self.accelerator.device
-        x = self.ema.model(z.to(device), labels.to(device))
+        x = self.ema_generator()(z.to(device), labels.to(device))
         return to_uint8(x, self.data.height, self.data.width).cpu()
 
     def generate(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -133,6 +150,6 @@ class GANTrainer(Trainer):
         return image_grid(images.permute(0, 2, 3, 1).numpy(), rows=self.data.num_classes)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """EMA generator weights (with batch-norm statistics) and what it takes to rebuild it."""
-        return dict(self.ema.model.state_dict()), {
+        """EMA generator weights (with its standing batch-norm statistics) and what it takes to rebuild it."""
+        return dict(self.ema_generator().state_dict()), {
             "architecture": dict(self.arch), "gan": asdict(self.cfg.gan)}
