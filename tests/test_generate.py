@@ -163,6 +163,9 @@ def test_a_run_writes_its_manifest_from_its_own_receipts_and_finalize_reads_ever
     again = generate(str(tiny_gan), str(out), num=60, shard_size=25)  # the two left are checked, one redrawn
     assert sorted(hashed) == ["synth-000000.tar", "synth-000002.tar"] and again.generated == 1
     assert again.manifest.to_json() == first.manifest.to_json()
+    # the receipts it keeps for that (found or written) hold their shared parts once: ~1 KB each, not 3
+    kept = list(again.receipts.values())
+    assert len(kept) == 3 and all(r["schema"] is kept[0]["schema"] and r["job"] is kept[0]["job"] for r in kept)
     hashed.clear()
     generate(str(tiny_gan), str(out), num=60, shard_size=25, finalize=True)
     assert sorted(hashed) == ["synth-000000.tar", "synth-000001.tar", "synth-000002.tar"]
