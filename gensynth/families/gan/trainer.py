@@ -36,6 +36,17 @@ def g_loss_fn(kind: str, fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
 
 
+def calibrated(generator: torch.nn.Module, cfg: Config, num_classes: int,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A copy of `generator` with standing batch-norm statistics: gan.standing_batches forwards of
+    train.batch_size samples, every class in turn, noise from run.seed (the same on every rank and resume)."""
+    n, z_dim = cfg.train.batch_size, cfg.gan.z_dim
+    gen = torch.Generator().manual_seed(cfg.run.seed + 2)
+    labels = (torch.arange(n) % num_classes).to(device)
+    return standing_statistics(generator, lambda _: (torch.randn(n, z_dim, generator=gen).to(device), labels),
+                               cfg.gan.standing_batches)
+
+
 class GANTrainer(Trainer):
     def __init__(self, cfg: Config, accelerator: Accelerator, data: DataInfo):
         g = cfg.gan
@@ -123,13 +134,9 @@ class GANTrainer(Trainer):
         Its noise comes from run.seed alone, so every rank, and a resumed run, computes the same statistics."""
         seen = self.ema.images_seen
         if self._calibrated is None or self._calibrated[0] != seen:
-            g, n, device = self.cfg.gan, self.cfg.train.batch_size, self.accelerator.device
             model = self.ema.model
-            if g.standing_batches:
-                gen = torch.Generator().manual_seed(self.cfg.run.seed + 2)
-                labels = (torch.arange(n) % self.data.num_classes).to(device)
-                model = standing_statistics(
-                    model, lambda _: (torch.randn(n, g.z_dim, generator=gen).to(device), labels), g.standing_batches)
+            if self.cfg.gan.standing_batches:
+                model = calibrated(model, self.cfg, self.data.num_classes, self.accelerator.device)
             self._calibrated = (seen, model)
         return self._calibrated[1]
 
