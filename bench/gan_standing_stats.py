@@ -1,6 +1,8 @@
 """Which batch-norm statistics should the GAN's EMA generator sample with? Measured on a trained run's checkpoints.
 
-    python bench/gan_standing_stats.py runs/demo_gan --json bench/results/gan_standing_stats.json  # after make demo
+    python bench/gan_standing_stats.py runs/demo_gan --json bench/results/gan_standing_stats.json
+
+(runs/demo_gan: after `gensynth demo --config configs/gan_fashion.yaml`.)
 
 The generator EMA averages weights; its batch-norm statistics used to be copied from the raw generator, whose
 weights they belong to. For each checkpoint (--steps, default every one the run kept), three generators

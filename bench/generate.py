@@ -1,7 +1,7 @@
 """Generation throughput: pure sampling in memory vs the whole job writing shards, in one process.
 
     python bench/generate.py --json bench/results/generate.json          # make bench runs this
-    python bench/generate.py --run runs/demo_gan --num 20000              # a trained export instead
+    python bench/generate.py --run runs/demo_prior --num 20000            # a trained export instead (make demo)
 
 (a) sampling: the job's own plan (labels, per-shard generators, fixed chunks) drawn through the sampler
 and thrown away; (b) job: `gensynth.generate.generate` into a fresh local folder (encode PNG, tar, hash,

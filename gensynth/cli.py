@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/fashion", help="where the shards go (default data/fashion)")
     p.add_argument("--source-dir", default="/usr/share/datasets/fashion-mnist", help="the IDX files")
     p.add_argument("--num-workers", type=int, default=2, help="loader workers for the streaming check")
-    p.add_argument("--config", help="training config, e.g. configs/gan_fashion.yaml (default: the built-in "
-                   "defaults of gensynth/config.py)")
+    p.add_argument("--config", action="append", help="training config, e.g. configs/gan_fashion.yaml; give it "
+                   "twice for stages trained in order, the last one generating: configs/vqvae_fashion.yaml then "
+                   "configs/prior_fashion.yaml (make demo). Default: the built-in defaults of gensynth/config.py")
     p.add_argument("--synth", default="data/synth/demo", help="where the synthetic set goes (default data/synth/demo)")
     p.add_argument("--num-synthetic", type=int, default=10000, help="synthetic samples to generate (default 10000)")
     p.add_argument("overrides", nargs="*", help="section.key=value for the training config")

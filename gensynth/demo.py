@@ -1,17 +1,21 @@
 """`gensynth demo`: the main job end to end on the embedded default, Fashion-MNIST from Debian.
 
 Ingest train and test into shards and verify them; stream one exact epoch and check that every
-sample arrived once; train the class-conditional GAN for a few minutes and write its sample grid
-(one row per class); generate a balanced synthetic set from its export into shards with a manifest, and
-print how another team reads it; evaluate it (gensynth eval: metrics.json and report.html in
-reports/<synthetic set name>; the first run trains and caches the feature extractor, a few minutes).
+sample arrived once; train the generator (one config, or stages: a VQ-VAE, then the prior over its codes)
+and write its sample grid (one row per class); generate a balanced synthetic set from its export into shards
+with a manifest, and print how another team reads it; evaluate it (gensynth eval: metrics.json and
+report.html in reports/<synthetic set name>; the first run trains and caches the feature extractor, a few
+minutes).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gensynth import storage
 from gensynth.data.ingest import ingest, split_folder
@@ -19,11 +23,14 @@ from gensynth.data.manifest import manifest_url, read_manifest, verify_shards
 from gensynth.data.sources import open_source
 from gensynth.data.stream import ShardLoader
 from gensynth.errors import UsageError
-from gensynth.families import load_run_config
+from gensynth.families import get_family, load_run_config
 from gensynth.generate.job import generate, summary
 from gensynth.inspection import inspect
 from gensynth.runtime.layout import RunLayout
 from gensynth.train.loop import train
+
+if TYPE_CHECKING:
+    from gensynth.config import Config
 
 log = logging.getLogger("gensynth")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -60,9 +67,52 @@ def stream_epoch(folder: str, batch_size: int = 256, num_workers: int = 2) -> tu
     return seen, seen / elapsed
 
 
+def stage_overrides(family: str, data: str, previous: RunLayout | None, has_test: bool) -> list[str]:
+    """What the demo sets in a stage's config: its data, and for a prior the VQ-VAE stage before it."""
+    if family == "prior":
+        if previous is None:
+            raise UsageError("a prior stage needs its VQ-VAE stage before it: gensynth demo --config "
+                             "configs/vqvae_fashion.yaml --config configs/prior_fashion.yaml")
+        return [f"prior.vqvae={previous.root}", f"prior.images={split_folder(data, 'train')}",
+                f"data.train={data}-codes/{previous.root.name}"]
+    test = [f"data.test={split_folder(data, 'test')}"] if has_test else []
+    return [f"data.train={split_folder(data, 'train')}", *test]
+
+
+def drop_stale_codes(cfg: Config) -> None:
+    """The demo owns its code shards: a set extracted from an earlier VQ-VAE run of the demo is removed (the
+    prior would refuse it) so that the codes of the VQ-VAE just trained are extracted instead."""
+    from gensynth.families.prior.codes import codes_match, export_identity
+
+    if storage.exists(manifest_url(cfg.data.train)) and not codes_match(read_manifest(cfg.data.train),
+                                                                        export_identity(cfg.prior.vqvae)):
+        if storage.is_remote(cfg.data.train):
+            raise UsageError(f"{cfg.data.train} holds the codes of an earlier VQ-VAE run; remove it (the demo "
+                             "removes only local ones)")
+        log.info("%s: codes of an earlier VQ-VAE run, extracting them again", cfg.data.train)
+        shutil.rmtree(cfg.data.train)
+
+
+def stage_configs(configs: list[str | None], data: str, overrides: list[str] | tuple[str, ...]) -> Iterator[Config]:
+    """Each stage's config in order, wired to the data and to the stage before. Run names: demo_<family>, or
+    with run.name=X among the overrides X (one stage) or X_<family> (several)."""
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("run.name=")]
+    overrides = [o for o in overrides if not o.startswith("run.name=")]
+    previous: RunLayout | None = None
+    for path in configs:
+        cfg = load_run_config(path, overrides)
+        family = cfg.model.family
+        name = names[-1] if names and len(configs) == 1 else f"{names[-1] if names else 'demo'}_{family}"
+        wired = stage_overrides(family, data, previous, bool(cfg.data.test))
+        cfg = load_run_config(path, [*wired, f"run.name={name}", *overrides])
+        previous = RunLayout.of(cfg)
+        yield cfg
+
+
 def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, num_workers: int = 2,
-             config: str | None = None, overrides: list[str] | tuple[str, ...] = (), synth: str = "data/synth/demo",
-             num_synthetic: int = 10000, report: str | None = None) -> int:
+             config: str | list[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
+             synth: str = "data/synth/demo", num_synthetic: int = 10000, report: str | None = None) -> int:
+    configs = config if isinstance(config, list) else [config]
     print("== 1/5 ingest Fashion-MNIST into shards")
     ensure_fashion_shards(data, source_dir)
     for split in ("train", "test"):
@@ -71,13 +121,16 @@ def run_demo(data: str = "data/fashion", source_dir: str = FASHION_MNIST_DIR, nu
     print(f"== 2/5 stream one exact epoch of {split_folder(data, 'train')} ({num_workers} workers)")
     samples, rate = stream_epoch(split_folder(data, "train"), num_workers=num_workers)
     print(f"streamed {samples} samples, each exactly once, at {rate:,.0f} samples/s")
-    cfg = load_run_config(config, [f"data.train={split_folder(data, 'train')}", "run.name=demo_gan", *overrides])
-    run = RunLayout.of(cfg)
-    print(f"== 3/5 train the class-conditional GAN for {cfg.train.steps} steps into {run.root} "
-          "(resumes if interrupted)")
-    code = train(cfg)
-    if code != 0:
-        return code
+    for i, cfg in enumerate(stage_configs(configs, data, overrides), start=1):
+        run = RunLayout.of(cfg)
+        stage = f" (stage {i} of {len(configs)})" if len(configs) > 1 else ""
+        title = get_family(cfg.model.family).title or cfg.model.family
+        print(f"== 3/5 train {title} for {cfg.train.steps} steps into {run.root}{stage} (resumes if interrupted)")
+        if cfg.model.family == "prior":
+            drop_stale_codes(cfg)
+        code = train(cfg)
+        if code != 0:
+            return code
     grids = run.grids("samples")
     print(f"sample grid, one row per class ({', '.join(FASHION_MNIST_CLASSES)}): {grids[-1]}")
     print(f"export (safetensors + config.json): {run.export}")

@@ -87,3 +87,9 @@ def test_cli_prints_resolved_config(tmp_path, capsys):
     assert main(["inspect", str(REPO / "configs" / "loader_fashion.yaml"), "train.batch_size=7"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["batch_size"] == 7 and resolved["run"]["root"] == "runs"
+
+
+def test_prior_guidance_needs_the_no_class_token_of_label_dropout():
+    with pytest.raises(ConfigError, match=r"prior.guidance=2.0 needs prior.label_dropout > 0"):
+        load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2", "prior.label_dropout=0"])
+    assert load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2"]).prior.label_dropout == 0.1

@@ -235,8 +235,9 @@ def test_prior_kill9_then_resume_equals_an_uninterrupted_run(toy, vqvae_run, tmp
 def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqvae_run, tmp_path):
     vq_copy = tmp_path / "vq"
     shutil.copytree(vqvae_run["run"] / "export", vq_copy / "export")
+    # guidance 2 as the run's default: its grids use it, and so must its export when no option is given
     config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=str(vq_copy),
-                         train__steps=20)
+                         train__steps=20, prior__guidance=2.0)
     train_ok(config)
     run = run_dir(config)
     acc = events(run)
@@ -255,11 +256,14 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
     labels = torch.arange(10).repeat_interleave(10)
     images = sampler.sample(labels, torch.Generator().manual_seed(0), {})
     assert np.array_equal(image_grid(images.permute(0, 2, 3, 1).numpy(), rows=10), last_grid(run, "samples"))
+    assert config_json["architecture"]["null_class"] and config_json["sampling_defaults"]["guidance"] == 2.0
+    assert torch.equal(images, sampler.sample(labels, torch.Generator().manual_seed(0), {"guidance": 2.0}))
+    assert not torch.equal(images, sampler.sample(labels, torch.Generator().manual_seed(0), {"guidance": 1.0}))
     again = sampler.sample(labels[:7], torch.Generator().manual_seed(5), {"temperature": 0.7, "top_k": 3})
     assert torch.equal(again, sampler.sample(labels[:7], torch.Generator().manual_seed(5),
                                              {"temperature": 0.7, "top_k": 3}))
     for bad, needle in (({"temperature": 0}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"),
-                        ({"truncation": 0.5}, "do not apply")):
+                        ({"guidance": 0}, "guidance"), ({"truncation": 0.5}, "do not apply")):
         with pytest.raises(UsageError, match=needle):
             sampler.sample(labels[:2], torch.Generator().manual_seed(0), bad)
 
@@ -322,8 +326,12 @@ def evaluate_generated(run: Path, toy: dict[str, str], folder: Path) -> dict:
 def test_eval_of_a_prior_set_reports_its_vqvaes_reconstruction_figures_as_training_measured_them(
         toy, vqvae_run, tmp_path):
     config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"),
-                                prior__vqvae=str(vqvae_run["run"]), train__steps=5, train__eval_every=0)
+                                prior__vqvae=str(vqvae_run["run"]), train__steps=5, train__eval_every=0,
+                                prior__label_dropout=0.0)
     train_ok(config)
+    # without label dropout there is no 'no class' token: guidance is refused, in one line
+    with pytest.raises(UsageError, match="trained without a 'no class' token"):
+        load_sampler(run_dir(config)).sample(torch.arange(2), torch.Generator().manual_seed(0), {"guidance": 2.0})
     rec = evaluate_generated(run_dir(config), toy, tmp_path)["reconstruction"]
     assert rec["images"] == 25 and rec["codebook_size"] == 16, rec  # all real test images, the VQ-VAE's codebook
     assert 0 < rec["mse_01"] < 0.5 and 0 < rec["psnr"] < 100 and 0 < rec["ssim"] <= 1

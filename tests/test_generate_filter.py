@@ -9,9 +9,10 @@ from torch import nn
 
 from gensynth.cli import main
 from gensynth.data.manifest import read_manifest
+from gensynth.errors import UsageError
 from gensynth.evaluate.classifier import SmallCNN
 from gensynth.evaluate.extractor import KIND
-from gensynth.evaluate.filter import SampleFilter
+from gensynth.evaluate.filter import SampleFilter, load_filter
 from gensynth.export import save_export
 from gensynth.families import load_sampler
 from gensynth.generate.options import GenerateOptions
@@ -84,3 +85,13 @@ def test_cli_filter_records_the_classifier_and_refuses_a_class_it_never_accepts(
     err = capsys.readouterr().err
     assert "still score below --filter-threshold 0.9" in err and "c1" in err
     assert not (tmp_path / "never" / "manifest.json").exists()
+
+
+def test_the_default_classifier_is_the_one_of_the_images_the_samples_imitate(tmp_path):
+    # a prior's own training data are code shards; its samples imitate its VQ-VAE's images, whose extractor
+    # it must find (or train): the images entry of training_data, not data.train
+    prior = {"family": "prior", "data": {"train": str(tmp_path / "codes")},
+             "training_data": [{"kind": "images", "model": "prior", "train": str(tmp_path / "images")},
+                               {"kind": "derived", "model": "prior", "train": str(tmp_path / "codes")}]}
+    with pytest.raises(UsageError, match=f"training data '{tmp_path / 'images'}' is not reachable"):
+        load_filter("", prior, 0.9)

@@ -133,3 +133,26 @@ def test_untrained_prior_does_not_pass_the_toy_check():
     codes = sample_codes(untrained, labels, torch.Generator().manual_seed(0))
     step = float((codes[:, 1:] == (codes[:, :-1] + 2) % K).double().mean())
     assert abs(step - STEP_P) > tolerance(STEP_P, codes[:, 1:].numel())
+
+
+def test_guidance_draws_from_the_guided_logits_at_every_position():
+    # greedy draws (top_k 1) make the guided logits visible: each code must be the argmax of
+    # u + s * (c - u), recomputed here without the key/value cache from the prefix drawn so far
+    torch.manual_seed(0)
+    prior = CodePrior(K, LENGTH, CLASSES, width=16, layers=2, heads=2, dropout=0.0, null_class=True).eval()
+    for p in prior.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # random but far from uniform: no ties among the logits
+    labels = torch.tensor([0, 1, 2, 1])
+    none = torch.full_like(labels, CLASSES)
+    for s in (1.0, 3.0):
+        codes = sample_codes(prior, labels, torch.Generator().manual_seed(0), top_k=1, guidance=s)
+        for i in range(LENGTH):
+            with torch.no_grad():
+                c, u = prior(labels, codes[:, :i])[:, -1], prior(none, codes[:, :i])[:, -1]
+            assert torch.equal(codes[:, i], (u + s * (c - u)).argmax(1)), (s, i)
+    plain = sample_codes(prior, labels, torch.Generator().manual_seed(0), top_k=1)
+    assert torch.equal(plain, sample_codes(prior, labels, torch.Generator().manual_seed(0), top_k=1, guidance=1.0))
+    assert not torch.equal(plain, sample_codes(prior, labels, torch.Generator().manual_seed(0), top_k=1, guidance=3.0))
+    without = CodePrior(K, LENGTH, CLASSES, width=16, layers=1, heads=2)
+    with pytest.raises(ValueError, match="needs a prior trained with a null class"):
+        sample_codes(without, labels, torch.Generator().manual_seed(0), guidance=2.0)

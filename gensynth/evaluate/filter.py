@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from gensynth import storage
-from gensynth.data.manifest import manifest_url
+from gensynth.data.manifest import imitated_set, manifest_url
 from gensynth.errors import UsageError
 
 
@@ -34,13 +34,15 @@ class SampleFilter:
         return torch.cat(out) if out else torch.empty(0)
 
 
-def load_filter(classifier: str, train_url: str | None, threshold: float, cache: str = "") -> SampleFilter:
-    """The classifier export named, or the cached feature extractor of the model's training data."""
+def load_filter(classifier: str, export_config: dict[str, Any], threshold: float, cache: str = "") -> SampleFilter:
+    """The classifier export named, or the cached feature extractor of the images the export's samples imitate
+    (the first images entry of its training data: a prior trains on codes, its VQ-VAE on those images)."""
     from gensynth.evaluate.extractor import load_extractor, resolve_extractor
 
     if classifier:
         extractor = load_extractor(classifier)
     else:
+        train_url = imitated_set(export_config).get("train")
         if not train_url or not storage.exists(manifest_url(train_url)):
             raise UsageError(f"--filter needs a classifier: the export's training data {train_url!r} is not "
                              "reachable from here to find or train one; name one with --filter-classifier")

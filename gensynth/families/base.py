@@ -39,6 +39,7 @@ class Family:
     name: str = ""  # the config section of its options (and, for a built-in family, the model.family value)
     Options: type = NoOptions  # dataclass of its section, fields made with gensynth.config.option
     inputs: str = "image"  # the batch field it trains on: "image", or an array of the shards, e.g. "codes"
+    title: str = ""  # what a person calls it, e.g. "the class-conditional GAN" (progress lines); empty = name
 
     def check(self, cfg: Config, where: str) -> None:
         """Rules that join the family's options with others (e.g. the resolution its network needs); raise a

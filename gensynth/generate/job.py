@@ -222,7 +222,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     sampler = load_sampler(source, device=pick_device(opts.device, int(os.environ.get("LOCAL_RANK", rank))))
     keep = None
     if opts.filter_threshold is not None:
-        keep = load_filter(opts.filter_classifier, sampler.config.get("data", {}).get("train"), opts.filter_threshold)
+        keep = load_filter(opts.filter_classifier, sampler.config, opts.filter_threshold)
     if not opts.relabel and (opts.relabel_teacher or opts.relabel_test):
         raise UsageError("--relabel-teacher and --relabel-test only apply with --relabel")
     teacher = load_teacher(opts.relabel_teacher, sampler.config, opts.relabel_test) if opts.relabel else None

@@ -29,6 +29,8 @@ class GenerateOptions:
     truncation: float | None = option(None, "GAN: truncation trick threshold (0 = off)")
     temperature: float | None = option(None, "VQ-VAE prior: logits temperature; VAE: latent noise scale")
     top_k: int | None = option(None, "VQ-VAE prior: sample among the k most likely codes")
+    guidance: float | None = option(None, "VQ-VAE prior: classifier-free guidance scale, > 1 more class-typical "
+                                    "(default: the prior's own, prior.guidance)")
     device: str = option("auto", "where to run the model", choices=("auto", "cpu", "cuda"))
     writers: int = option(0, "processes that encode and write shards while the model draws the next ones (0: every "
                           "core when the model runs on a GPU, whose sampling outruns one core's PNG encoding; 1 on "
@@ -53,4 +55,5 @@ class GenerateOptions:
 
     def sampling(self) -> dict[str, Any]:
         """The family's sampling options that were given (the sampler fills in its defaults)."""
-        return {"truncation": self.truncation, "temperature": self.temperature, "top_k": self.top_k}
+        return {"truncation": self.truncation, "temperature": self.temperature, "top_k": self.top_k,
+                "guidance": self.guidance}

@@ -60,10 +60,12 @@ class Block(nn.Module):
 
 class CodePrior(nn.Module):
     def __init__(self, num_codes: int, length: int, num_classes: int, width: int = 128, layers: int = 4,
-                 heads: int = 4, dropout: float = 0.1):
+                 heads: int = 4, dropout: float = 0.1, null_class: bool = False):
         super().__init__()
         self.num_codes, self.length, self.num_classes = num_codes, length, num_classes
-        self.class_embed = nn.Embedding(num_classes, width)  # the first token: which class to draw
+        # with null_class, label num_classes means "no class": what classifier-free guidance contrasts with
+        self.null_class = null_class
+        self.class_embed = nn.Embedding(num_classes + int(null_class), width)  # the first token: which class
         self.code_embed = nn.Embedding(num_codes, width)
         self.pos = nn.Parameter(torch.zeros(length, width))
         self.drop = nn.Dropout(dropout)
@@ -121,19 +123,32 @@ def pick_codes(logits: torch.Tensor, generator: torch.Generator, temperature: fl
 
 @torch.no_grad()
 def sample_codes(prior: CodePrior, labels: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                 top_k: int = 0) -> torch.Tensor:
-    """int64 codes [n, length] for the given class labels, drawn position by position (eval mode)."""
+                 top_k: int = 0, guidance: float = 1.0) -> torch.Tensor:
+    """int64 codes [n, length] for the given class labels, drawn position by position (eval mode). With
+    `guidance` s != 1 (a prior with a null class), each draw uses the logits u + s * (c - u) of the class c and
+    of no class u (classifier-free guidance, Ho & Salimans 2022), both rows fed the code drawn."""
     device = prior.pos.device
     was_training = prior.training
     prior.eval()
+    n = len(labels)
     labels = labels.to(device)
+    guided = guidance != 1.0
+    if guided:
+        if not prior.null_class:
+            raise ValueError("classifier-free guidance needs a prior trained with a null class (label dropout)")
+        labels = torch.cat([labels, torch.full_like(labels, prior.num_classes)])
+
+    def guide(logits: torch.Tensor) -> torch.Tensor:
+        return logits[n:] + guidance * (logits[:n] - logits[n:]) if guided else logits
+
     cache: KVCache = [[] for _ in prior.blocks]
     out = []
-    logits = prior(labels, torch.empty((len(labels), 0), dtype=torch.long, device=device), cache)[:, -1]
+    logits = guide(prior(labels, torch.empty((len(labels), 0), dtype=torch.long, device=device), cache)[:, -1])
     for i in range(prior.length):
         codes = pick_codes(logits, generator, temperature, top_k)
         out.append(codes)
         if i + 1 < prior.length:
-            logits = prior(labels, codes[:, None].to(device), cache)[:, -1]
+            fed = torch.cat([codes, codes]) if guided else codes
+            logits = guide(prior(labels, fed[:, None].to(device), cache)[:, -1])
     prior.train(was_training)
-    return torch.stack(out, 1) if out else torch.empty((len(labels), 0), dtype=torch.long)
+    return torch.stack(out, 1) if out else torch.empty((n, 0), dtype=torch.long)

@@ -52,6 +52,7 @@ class GANOptions:
 
 class GANFamily(Family):
     name = "gan"
+    title = "the class-conditional GAN"
     Options = GANOptions
 
     def check(self, cfg: Config, where: str) -> None:

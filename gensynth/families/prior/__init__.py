@@ -33,6 +33,13 @@ class PriorOptions:
     layers: int = option(4, "transformer blocks", min=1)
     heads: int = option(4, "attention heads; must divide width", min=1)
     dropout: float = option(0.1, "dropout in attention and MLP (training only)", min=0.0, max=0.9)
+    label_dropout: float = option(0.1, "share of training grids whose class token is replaced by a learnt "
+                                  "'no class' token, so that sampling can use classifier-free guidance (Ho & "
+                                  "Salimans 2022; 0.1 as in LlamaGen, Sun et al. 2024); 0 = off", min=0.0, max=0.9)
+    guidance: float = option(1.0, "default classifier-free guidance scale of this prior's samples (its grids, "
+                             "its export; gensynth generate --guidance overrides it): logits u + s * (c - u) of "
+                             "class c and no class u; 1 = plain class-conditional, > 1 = more class-typical",
+                             min=0.0)
     lr: float = option(1e-3, "AdamW peak learning rate (small GPTs train well at 1e-3 to 6e-4; nanoGPT)",
                        min=0.0)
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Loshchilov & Hutter 2017)",
@@ -46,10 +53,14 @@ class PriorOptions:
 
 class PriorFamily(Family):
     name = "prior"
+    title = "the class-conditional prior over the VQ-VAE's codes"
     Options = PriorOptions
     inputs = "codes"  # codes.CODES: the array of the code shards
 
     def check(self, cfg: Config, where: str) -> None:
+        if cfg.prior.guidance != 1.0 and cfg.prior.label_dropout == 0:
+            self.fail(where, f"prior.guidance={cfg.prior.guidance} needs prior.label_dropout > 0: guidance contrasts "
+                      "the class with the 'no class' token that label dropout trains")
         if cfg.prior.width % cfg.prior.heads:
             self.fail(where, f"prior.heads={cfg.prior.heads} is not allowed: it must divide prior.width="
                       f"{cfg.prior.width}")

@@ -22,9 +22,9 @@ from gensynth.models.vqvae import VQVAE
 
 @torch.no_grad()
 def prior_images(prior: CodePrior, decoder: VQVAE, labels: torch.Tensor, generator: torch.Generator,
-                 temperature: float, top_k: int, height: int, width: int) -> torch.Tensor:
+                 temperature: float, top_k: int, height: int, width: int, guidance: float = 1.0) -> torch.Tensor:
     """Codes drawn from the prior for `labels`, decoded by the VQ-VAE: uint8 [n, C, height, width]."""
-    codes = sample_codes(prior, labels, generator, temperature, top_k)
+    codes = sample_codes(prior, labels, generator, temperature, top_k, guidance)
     grids = codes.view(len(labels), decoder.grid, decoder.grid).to(decoder.quantizer.embed.device)
     was_training = decoder.training
     decoder.eval()
@@ -38,7 +38,9 @@ class PriorSampler(Sampler):
 
     OPTIONS = {"temperature": (1.0, "divide the prior's logits by T before each draw: < 1 sharper, > 1 more "
                                "varied"),
-               "top_k": (0, "draw each code among the k most likely only (Fan et al. 2018); 0 = all codes")}
+               "top_k": (0, "draw each code among the k most likely only (Fan et al. 2018); 0 = all codes"),
+               "guidance": (None, "classifier-free guidance scale (Ho & Salimans 2022), > 1 more class-typical; "
+                            "default: the prior's own (prior.guidance when it trained; 1 = off)")}
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device):
         super().__init__(tensors, config, device)
@@ -60,11 +62,19 @@ class PriorSampler(Sampler):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise UsageError(f"top_k={top_k!r}: must be a whole number >= 0 (0 = all codes)")
         options["top_k"] = top_k
+        guidance = options["guidance"]
+        if guidance is None:
+            guidance = float(self.config.get("sampling_defaults", {}).get("guidance", 1.0))
+        guidance = positive_float("guidance", guidance)
+        if guidance != 1.0 and not self.prior.null_class:
+            raise UsageError(f"guidance={guidance}: this prior was trained without a 'no class' token "
+                             "(prior.label_dropout=0), so it cannot use classifier-free guidance; use 1")
+        options["guidance"] = guidance
         return options
 
     def draw(self, labels: torch.Tensor, generator: torch.Generator, options: dict[str, Any]) -> torch.Tensor:
         return prior_images(self.prior, self.decoder, labels, generator, options["temperature"], options["top_k"],
-                            self.height, self.width)
+                            self.height, self.width, options["guidance"])
 
     def reconstruct(self, images: torch.Tensor, labels: torch.Tensor) -> Reconstruction:
         """Through the VQ-VAE export the prior's codes came from: the codes the prior learnt, and the decoder

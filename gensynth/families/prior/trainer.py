@@ -77,7 +77,7 @@ class PriorTrainer(SeededSampling):
         grid = manifest.provenance["grid"]
         self.arch = dict(num_codes=int(manifest.provenance["num_codes"]), length=grid[0] * grid[1],
                          num_classes=data.num_classes, width=p.width, layers=p.layers, heads=p.heads,
-                         dropout=p.dropout)
+                         dropout=p.dropout, null_class=p.label_dropout > 0)
         model = CodePrior(**self.arch)
         opt = torch.optim.AdamW(model.decay_groups(p.weight_decay), lr=learning_rate(cfg, 0), betas=(p.beta1, p.beta2))
         self.model, self.opt = accelerator.prepare(model, opt)
@@ -91,6 +91,9 @@ class PriorTrainer(SeededSampling):
         for group in self.opt.param_groups:
             group["lr"] = lr
         target = codes.reshape(len(codes), -1)
+        if self.cfg.prior.label_dropout > 0:  # the 'no class' token that classifier-free guidance contrasts with
+            dropped = torch.rand(len(labels), device=labels.device) < self.cfg.prior.label_dropout
+            labels = labels.masked_fill(dropped, self.data.num_classes)
         with acc.accumulate(self.model):
             with acc.autocast():
                 logits = self.model(labels, target[:, :-1])
@@ -112,8 +115,9 @@ class PriorTrainer(SeededSampling):
         return {"lr": self.opt.param_groups[0]["lr"]}
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images at the sampler's default options (temperature 1, all codes)."""
-        return prior_images(self.raw, self.decoder, labels, generator, 1.0, 0, self.data.height, self.data.width)
+        """uint8 images at the sampler's default options (temperature 1, all codes, prior.guidance)."""
+        return prior_images(self.raw, self.decoder, labels, generator, 1.0, 0, self.data.height, self.data.width,
+                            self.cfg.prior.guidance)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Prior weights under prior.*, the VQ-VAE's codebook and decoder under vqvae.*: self-contained."""
@@ -121,4 +125,5 @@ class PriorTrainer(SeededSampling):
         tensors.update({f"vqvae.{k}": v for k, v in self.decoder_tensors.items()})
         return tensors, {"architecture": dict(self.arch), "prior": asdict(self.cfg.prior),
                          "vqvae": {"architecture": dict(self.decoder_arch), **self.vqvae},
-                         "sampling_defaults": {"temperature": 1.0, "top_k": 0}}
+                         "sampling_defaults": {"temperature": 1.0, "top_k": 0,
+                                                                 "guidance": self.cfg.prior.guidance}}

@@ -42,6 +42,7 @@ class VAEOptions:
 
 class VAEFamily(Family):
     name = "vae"
+    title = "the class-conditional VAE"
     Options = VAEOptions
 
     def check(self, cfg: Config, where: str) -> None:

@@ -59,6 +59,7 @@ class VQVAEOptions:
 
 class VQVAEFamily(Family):
     name = "vqvae"
+    title = "the VQ-VAE"
     Options = VQVAEOptions
 
     def check(self, cfg: Config, where: str) -> None:
