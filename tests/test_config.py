@@ -91,5 +91,8 @@ def test_cli_prints_resolved_config(tmp_path, capsys):
 
 def test_prior_guidance_needs_the_no_class_token_of_label_dropout():
     with pytest.raises(ConfigError, match=r"prior.guidance=2.0 needs prior.label_dropout > 0"):
-        load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2", "prior.label_dropout=0"])
-    assert load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2"]).prior.label_dropout == 0.1
+        load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2"])  # label dropout is off by default
+    with pytest.raises(ConfigError, match=r"prior.guidance=0.0 is not allowed: a scale > 0"):
+        load_run_config("configs/prior_fashion.yaml", ["prior.guidance=0", "prior.label_dropout=0.1"])
+    cfg = load_run_config("configs/prior_fashion.yaml", ["prior.guidance=2", "prior.label_dropout=0.1"])
+    assert cfg.prior.guidance == 2

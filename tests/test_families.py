@@ -237,7 +237,8 @@ def test_prior_export_is_self_contained_and_reproduces_the_runs_samples(toy, vqv
     shutil.copytree(vqvae_run["run"] / "export", vq_copy / "export")
     # guidance 2 as the run's default: its grids use it, and so must its export when no option is given
     config = tiny_family_config(tmp_path, toy, "prior", data__train=str(tmp_path / "codes"), prior__vqvae=str(vq_copy),
-                         train__steps=20, prior__guidance=2.0)
+                         train__steps=20, prior__guidance=2.0,
+                         prior__label_dropout=0.1)
     train_ok(config)
     run = run_dir(config)
     acc = events(run)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,10 +70,8 @@ def test_hf_reads_train_count(fashion_shards):
 def demo_run(fashion_shards, tmp_path_factory) -> tuple[int, str, Path]:
     """make demo's two stages (a VQ-VAE, then the prior over its codes), tiny, on the verified shards."""
     out = tmp_path_factory.mktemp("demo")
-    capture = pytest.MonkeyPatch()
     buffer = io.StringIO()
-    capture.setattr(sys, "stdout", buffer)
-    try:
+    with contextlib.redirect_stdout(buffer):
         code = run_demo(str(fashion_shards), str(FASHION_DIR), num_workers=2,
                         config=["configs/vqvae_fashion.yaml", "configs/prior_fashion.yaml"],
                         overrides=[f"run.root={out}", "train.steps=4", "train.sample_every=2", "train.eval_every=2",
@@ -84,8 +82,6 @@ def demo_run(fashion_shards, tmp_path_factory) -> tuple[int, str, Path]:
                                    f"eval.cache={out / 'cache'}", "eval.extractor_epochs=0.05", "eval.num=300",
                                    "eval.classifier_steps=5", "eval.kid_subset=100", "eval.kid_subsets=2"],
                         synth=str(out / "synth"), num_synthetic=300, report=str(out / "report"))
-    finally:
-        capture.undo()
     return code, buffer.getvalue(), out
 
 

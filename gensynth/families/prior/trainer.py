@@ -125,5 +125,4 @@ class PriorTrainer(SeededSampling):
         tensors.update({f"vqvae.{k}": v for k, v in self.decoder_tensors.items()})
         return tensors, {"architecture": dict(self.arch), "prior": asdict(self.cfg.prior),
                          "vqvae": {"architecture": dict(self.decoder_arch), **self.vqvae},
-                         "sampling_defaults": {"temperature": 1.0, "top_k": 0,
-                                                                 "guidance": self.cfg.prior.guidance}}
+                         "sampling_defaults": {"temperature": 1.0, "top_k": 0, "guidance": self.cfg.prior.guidance}}
