@@ -9,7 +9,7 @@ from torch import nn
 
 from gensynth.cli import main
 from gensynth.data.manifest import read_manifest
-from gensynth.errors import UsageError
+from gensynth.errors import GensynthError, UsageError
 from gensynth.evaluate.classifier import SmallCNN
 from gensynth.evaluate.extractor import KIND
 from gensynth.evaluate.filter import SampleFilter, load_filter
@@ -51,6 +51,18 @@ def test_rejected_samples_are_redrawn_until_every_place_passes(tiny_gan):
     assert np.array_equal(images[kept_before], plain[kept_before])
     again = draw_shard(sampler, job, labels, 0, judge)
     assert np.array_equal(again[0], images) and np.array_equal(again[3], dropped)
+
+
+def test_a_shard_that_keeps_redrawing_reports_its_progress_and_gives_up_with_the_classes(tiny_gan, caplog):
+    sampler = load_sampler(tiny_gan)
+    job = build_job(sampler, str(tiny_gan), GenerateOptions(num=8, per_class="6,2,0,0,0,0,0,0,0,0", shard_size=8))
+    judge = SampleFilter(BrightnessJudge(2.0), 0.9, {"threshold": 0.9})  # brighter than white: nothing passes
+    judge.MAX_ROUNDS = 25
+    with caplog.at_level("INFO", logger="gensynth"), pytest.raises(GensynthError, match="after 25 redraws"):
+        draw_shard(sampler, job, interleaved_labels(list(job.counts)), 0, judge)
+    progress = [r.getMessage() for r in caplog.records if "redraw round" in r.getMessage()]
+    assert progress == [f"shard 0: redraw round {r} of at most 25: 8 samples ({sampler.classes[0]} 6, "
+                        f"{sampler.classes[1]} 2) still below the filter's 0.90" for r in (10, 20)]
 
 
 def constant_classifier(folder, probabilities: list[float]) -> str:

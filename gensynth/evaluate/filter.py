@@ -16,6 +16,7 @@ class SampleFilter:
     gives its intended label a probability of at least `threshold`."""
 
     MAX_ROUNDS = 50  # redraws of the rejected samples before a shard gives up
+    REPORT_EVERY = 10  # rounds between progress lines while a shard redraws
 
     def __init__(self, classifier: Any, threshold: float, describe: dict[str, Any]):
         if not 0 < threshold < 1:

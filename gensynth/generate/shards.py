@@ -50,10 +50,14 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
     if keep is None:
         return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), None, dropped
     scores = keep.scores(images, shard_labels)
-    for _ in range(keep.MAX_ROUNDS):
+    for round_ in range(keep.MAX_ROUNDS):
         rejected = (scores < keep.threshold).nonzero().squeeze(1)
         if len(rejected) == 0:
             break
+        if round_ and round_ % keep.REPORT_EVERY == 0:  # a model that rarely passes redraws for minutes
+            log.info("shard %d: redraw round %d of at most %d: %d samples (%s) still below the filter's %.2f", k,
+                     round_, keep.MAX_ROUNDS, len(rejected), class_counts(shard_labels[rejected], sampler.classes),
+                     keep.threshold)
         dropped += np.bincount(shard_labels[rejected].numpy(), minlength=sampler.num_classes)
         redrawn = sampler.sample(shard_labels[rejected], generator, job.options)
         images[rejected] = redrawn
@@ -64,6 +68,12 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
                             f"score below --filter-threshold {keep.threshold}; the model rarely makes that class "
                             "recognisably: lower the threshold or improve the model")
     return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
+
+
+def class_counts(labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> str:
+    """"Shirt 12, Coat 3": the classes among `labels`, most frequent first."""
+    counts = np.bincount(labels.numpy(), minlength=len(classes))
+    return ", ".join(f"{classes[c]} {counts[c]}" for c in np.argsort(-counts, kind="stable") if counts[c])
 
 
 @dataclass(frozen=True)
