@@ -16,6 +16,11 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def rate(per_s: float) -> str:
+    """A rate for a progress line: whole numbers from 10 up, two significant digits below (0.091, not 0)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
+
 def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it",
              every_s: float = 10.0) -> Iterator[T]:
     """Yield `items`, showing progress: tqdm on a terminal, else a log line every `every_s` seconds."""
@@ -33,6 +38,6 @@ def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it",
         if now - last >= every_s:
             last = now
             of = f"/{total}" if total else ""
-            log.info("%s: %d%s %s (%.0f %s/s)", desc, done, of, unit, done / (now - start), unit)
+            log.info("%s: %d%s %s (%s %s/s)", desc, done, of, unit, rate(done / (now - start)), unit)
     elapsed = time.monotonic() - start
     log.info("%s: %d %s in %.1f s", desc, done, unit, elapsed)

@@ -10,7 +10,7 @@ import pytest
 
 from gensynth import storage
 from gensynth.errors import UsageError
-from gensynth.progress import progress
+from gensynth.progress import progress, rate
 
 
 def test_atomic_write_publishes_whole_on_success(tmp_path):
@@ -84,6 +84,10 @@ def test_progress_logs_plain_lines_when_not_on_a_terminal(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert "shard train: 3/5 samples" in " ".join(lines)
     assert lines[-1].startswith("shard train: 5 samples in ")
+
+
+def test_progress_rates_below_one_keep_their_digits():
+    assert [rate(r) for r in (0.0909, 2.345, 33.7, 1250.2)] == ["0.091", "2.3", "34", "1250"]
 
 
 def test_progress_draws_a_bar_on_a_terminal(monkeypatch, capsys):
