@@ -195,11 +195,12 @@ def jobs(slurm_cluster, tmp_path_factory) -> Jobs:
                "timelimit": tiny_config(root, data, "timelimit", steps=10_000_000),
                "cancelled": tiny_config(root, data, "cancelled", steps=10_000_000)}
     # the two jobs that requeue go first: while one waits out its requeue, another job takes its slots
-    # a 1-minute limit with the signal 30 s before it: SLURM signals each start within its first 30 s or so
-    # (slurmctld checks limits every 30 s and may signal up to 60 s early); one requeue allowed, so the
-    # second stop ends the job
+    # a 2-minute limit with the signal 30 s before it: SLURM may signal up to 60 s early (slurmctld checks
+    # limits every 30 s), so each start gets it 30 to 90 s in. A 1-minute limit lets it come in the first
+    # seconds, when the tasks may not have started yet: a run on a busy machine got no signal and ran into its
+    # limit. One requeue allowed, so the second stop ends the job
     subs = {"timelimit": cluster.submit_train(str(configs["timelimit"]), [], cluster.SlurmOptions(
-        nodes=2, time="1", signal_delay=30, max_requeues=1))}
+        nodes=2, time="2", signal_delay=30, max_requeues=1))}
     subs["preempted"] = cluster.submit_train(str(configs["preempted"]), [], cluster.SlurmOptions(nodes=2))
     subs["reference"] = cluster.submit_train(str(configs["reference"]), [], cluster.SlurmOptions(nodes=2))
     subs["cancelled"] = cluster.submit_train(str(configs["cancelled"]), [], cluster.SlurmOptions(tasks_per_node=2))
