@@ -43,7 +43,13 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._conns += [client, upstream]
+                stopped = self._listener is not listener  # stop() ran while this connection was being set up
+                if not stopped:
+                    self._conns += [client, upstream]
+            if stopped:
+                for s in (client, upstream):
+                    _reset(s)
+                return
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -62,15 +68,28 @@ class TcpProxy:
                     pass
 
     def stop(self) -> None:
-        """Close the listener and reset every open connection (RST, as a dead endpoint would)."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        """Stop listening and reset every open connection (RST, as a dead endpoint would).
+
+        Closing a socket does not wake a thread blocked on it (the accept thread would go on accepting, a pipe
+        thread in recv would keep its connection open, its client waiting for ever): shutdown() first."""
         with self._lock:
+            listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
-        for s in conns:
+        if listener is not None:
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()
+                listener.shutdown(socket.SHUT_RDWR)  # the blocked accept() returns: no connection is taken after this
             except OSError:
                 pass
+            listener.close()
+        for s in conns:
+            _reset(s)
+
+
+def _reset(s: socket.socket) -> None:
+    """Abort a connection: RST to its peer (linger 0), and any thread blocked in recv on it woken."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.shutdown(socket.SHUT_RD)  # wakes a recv; no packet is sent, the close below sends the RST
+    except OSError:
+        pass
+    s.close()
