@@ -56,7 +56,7 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
             break
         if round_ and round_ % keep.REPORT_EVERY == 0:  # a model that rarely passes redraws for minutes
             log.info("shard %d: redraw round %d of at most %d: %d samples (%s) still below the filter's %.2f", k,
-                     round_, keep.MAX_ROUNDS, len(rejected), class_counts(shard_labels[rejected], sampler.classes),
+                     round_, keep.MAX_ROUNDS, len(rejected), named_counts(shard_labels[rejected], sampler.classes),
                      keep.threshold)
         dropped += np.bincount(shard_labels[rejected].numpy(), minlength=sampler.num_classes)
         redrawn = sampler.sample(shard_labels[rejected], generator, job.options)
@@ -70,7 +70,7 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
     return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
 
 
-def class_counts(labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> str:
+def named_counts(labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> str:
     """"Shirt 12, Coat 3": the classes among `labels`, most frequent first."""
     counts = np.bincount(labels.numpy(), minlength=len(classes))
     return ", ".join(f"{classes[c]} {counts[c]}" for c in np.argsort(-counts, kind="stable") if counts[c])
