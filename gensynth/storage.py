@@ -59,11 +59,33 @@ def parent(url: str) -> str:
     return str(Path(url).parent)
 
 
+READ_TIMEOUT_ENV = "GENSYNTH_S3_READ_TIMEOUT"
+READ_TIMEOUT_S = 30.0  # an S3 request answers in well under a second; this bounds a silent (half-open) endpoint
+S3_ATTEMPTS = 3  # botocore's standard retry mode: throttling, 5xx and time-outs, with backoff
+S3FS_RETRIES = 2  # s3fs retries every call on top of botocore (its default 5: 5 x 3 x 60 s, 15 minutes a call)
+
+
+def s3_read_timeout() -> float:
+    """Seconds an S3 request may wait for an answer: $GENSYNTH_S3_READ_TIMEOUT, default READ_TIMEOUT_S."""
+    raw = os.environ.get(READ_TIMEOUT_ENV, "")
+    if not raw.strip():
+        return READ_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise UsageError(f"{READ_TIMEOUT_ENV}={raw!r}: must be a number of seconds in (0, 3600] "
+                         f"(default {READ_TIMEOUT_S:g})")
+    return value
+
+
 def s3_options() -> dict[str, Any]:
-    """fsspec options for s3fs, from the environment only. Short time-outs so a dead endpoint fails fast."""
+    """fsspec options for s3fs, from the environment only. Short time-outs so a dead endpoint fails fast; a
+    silent one after S3FS_RETRIES x S3_ATTEMPTS read time-outs per call (a read makes two calls)."""
     opts: dict[str, Any] = {
-        "config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                          "retries": {"max_attempts": 3, "mode": "standard"}},
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": s3_read_timeout(),
+                          "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}},
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -86,8 +108,25 @@ def filesystem(url: str) -> tuple[Any, str]:
             import s3fs  # noqa: F401
         except ImportError:
             raise UsageError(f"{url}: S3 support is not installed; pip install 'gensynth[s3]'") from None
-        return fsspec.core.url_to_fs(url, **s3_options())
+        fs, path = fsspec.core.url_to_fs(url, **s3_options())
+        fs.retries = S3FS_RETRIES  # an instance attribute: s3fs reads self.retries on every call
+        _without_expect_continue(fs)
+        return fs, path
     return fsspec.core.url_to_fs(url)
+
+
+def _drop_expect_continue(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
+
+
+def _without_expect_continue(fs: Any) -> None:
+    """botocore sends every file-like body with "Expect: 100-continue", and aiohttp waits for the "100
+    Continue" with no time-out (no read is in flight for the read time-out to bound), so on a silent endpoint
+    a write would hang for ever. Without the header the request is sent whole and the read time-out applies;
+    all it saves is sending a body the store refuses."""
+    client = fs.connect()  # s3fs's client, made once per filesystem instance
+    client.meta.events.register_last("before-call.s3", _drop_expect_continue, unique_id="gensynth-no-expect")
+    fs.session.register("before-call.s3", _drop_expect_continue, unique_id="gensynth-no-expect")  # later clients
 
 
 @contextlib.contextmanager
@@ -126,6 +165,10 @@ def _storage_error(url: str, action: str, e: Exception) -> Exception:
     if not is_remote(url) and not _is_network_error(e):
         return e  # a bug, not the storage: keep its traceback
     where = f" (endpoint {endpoint_description()})" if is_remote(url) else ""
+    if is_remote(url) and any(type(c).__name__ == "ReadTimeoutError" for c in _chain(e)):
+        return StorageError(f"cannot {action} {url}{where}: no answer within {s3_read_timeout():g} s a request, "
+                            f"retried (the endpoint accepts connections but does not respond; for a slow store "
+                            f"raise {READ_TIMEOUT_ENV})")
     return StorageError(f"cannot {action} {url}{where}: {type(e).__name__}: {e}")
 
 

@@ -93,3 +93,35 @@ def _reset(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+class SilentEndpoint:
+    """Accepts connections on 127.0.0.1 and never answers: a half-open endpoint, as a network partition leaves
+    one (connections succeed, requests time out). `connections` counts what clients opened."""
+
+    def __init__(self):
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            self.connections += 1
+            self._held.append(client)
+
+    def stop(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for s in self._held:
+            _reset(s)

@@ -19,9 +19,10 @@ import pytest
 from gensynth import storage
 from gensynth.cli import main
 from gensynth.data.manifest import read_manifest
-from gensynth.errors import InputDataError, StorageError
+from gensynth.errors import InputDataError, StorageError, UsageError
 from tests.conftest import free_port
 from tests.s3server import AWS_VARS_TO_CLEAR, BUCKET, S3, aws_env, clear_fsspec_cache
+from tests.tcpproxy import SilentEndpoint
 
 pytestmark = pytest.mark.s3
 
@@ -347,3 +348,51 @@ def test_storage_on_a_dead_endpoint_raises_storage_error_naming_url(action, monk
     assert message.startswith("cannot "), message
     assert SECRET not in message
     assert list(tmp_path.iterdir()) == [], "temporary upload file left behind"
+
+
+def _point_at(monkeypatch, endpoint: str) -> None:
+    for var in AWS_VARS_TO_CLEAR:
+        monkeypatch.delenv(var, raising=False)
+    for key, value in aws_env(endpoint, secret=SECRET).items():
+        monkeypatch.setenv(key, value)
+    clear_fsspec_cache()
+
+
+@pytest.mark.parametrize("action", ["write", "read"])
+def test_a_silent_endpoint_fails_after_bounded_retries_saying_it_did_not_answer(action, monkeypatch, tmp_path):
+    """Connections succeed and nothing answers (a half-open endpoint): the error comes after the read time-out
+    times a bounded number of tries, not after s3fs's 5 x botocore's 3 x 60 s."""
+    silent = SilentEndpoint()
+    _point_at(monkeypatch, f"http://127.0.0.1:{silent.port}")
+    monkeypatch.setenv(storage.READ_TIMEOUT_ENV, "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    url = f"s3://{BUCKET}/silent/{action}.bin"
+    try:
+        with pytest.raises(StorageError) as info:
+            if action == "write":
+                storage.write_bytes(url, b"x" * 1000)
+            else:
+                storage.read_bytes(url)
+    finally:
+        silent.stop()
+        clear_fsspec_cache()
+    message = str(info.value)
+    assert message.startswith("cannot ") and url in message, message
+    assert "no answer within 1 s" in message and storage.READ_TIMEOUT_ENV in message, message
+    # each call is tried S3FS_RETRIES x S3_ATTEMPTS times (a read makes two calls): fewer than s3fs's old 5 x 3 for one
+    assert 1 <= silent.connections <= 2 * storage.S3FS_RETRIES * storage.S3_ATTEMPTS < 5 * 3, silent.connections
+    assert list(tmp_path.iterdir()) == [], "temporary upload file left behind"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "1e9"])
+def test_a_bad_read_timeout_is_one_line_naming_the_variable(value, monkeypatch):
+    _point_at(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv(storage.READ_TIMEOUT_ENV, value)
+    try:
+        with pytest.raises(UsageError, match=f"{storage.READ_TIMEOUT_ENV}=.*must be a number of seconds"):
+            storage.read_bytes(f"s3://{BUCKET}/x.bin")
+    finally:
+        clear_fsspec_cache()
