@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python bench/scale.py --json bench/results/scale.json
 	$(BIN)/python bench/finalize.py --json bench/results/finalize.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
+	$(BIN)/python bench/purpose.py --json bench/results/purpose.json
 
 # Its own venv: torch from the package index (its CUDA build), not the CPU pin of constraints.txt.
 GPU_VENV ?= .venv-gpu
