@@ -341,13 +341,20 @@ def build(schema: type, raw: Any, where: str = "config", prefix: str = "") -> An
     return schema(**values)
 
 
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def check_value(key: str, value: Any, kind: Any, meta: typing.Mapping[str, Any], where: str) -> Any:
     """Coerce and check one leaf value; the error names the key, the value and what is allowed."""
     def fail(allowed: str) -> typing.NoReturn:
         raise ConfigError(f"{where}: {key}={value!r} is not allowed: {allowed}")
 
-    value = coerce(value, kind, fail)
     choices = meta.get("choices")
+    if kind is str and isinstance(value, bool) and choices:  # YAML 1.1 reads a bare `no` (or off, yes, on) as a bool
+        words = [c for c in choices if c in YAML_BOOL_WORDS[value]]
+        if len(words) == 1:
+            value = words[0]
+    value = coerce(value, kind, fail)
     if choices is not None and value not in choices:
         fail("one of " + ", ".join(repr(c) for c in choices))
     each_of = meta.get("each_of")

@@ -39,6 +39,14 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert cfg.gan.lr_g == 2e-4 and cfg.gan.lr_d == 1e-3
 
 
+def test_a_bare_no_is_the_choice_no_not_a_bool(tmp_path):
+    # YAML 1.1 reads `no` as false: in the file and in an override it is still train.mixed_precision's "no"
+    assert load_run_config(write(tmp_path, "train: {mixed_precision: no}\n")).train.mixed_precision == "no"
+    assert load_run_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision=True is not allowed"):
+        load_run_config(None, ["train.mixed_precision=yes"])  # no choice is spelt yes, on or true
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_run_config(path)
