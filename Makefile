@@ -68,6 +68,7 @@ slurm-down:
 bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
 	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
+	$(BIN)/python bench/cpu_bf16.py --json bench/results/cpu_bf16.json
 	$(BIN)/python bench/generate.py --json bench/results/generate.json
 	$(BIN)/python bench/generate.py --fast --json bench/results/generate_fast.json
 	$(BIN)/python bench/scale.py --json bench/results/scale.json

@@ -49,6 +49,39 @@ class TrainingDiverged(GensynthError):
     """Non-finite losses that a roll-back did not cure."""
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 avx512_bf16 or AMX, Arm bf16), from its flags. Where it
+    would only emulate bf16 (precision lost for no speed-up), gensynth keeps fp32."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(requested: str, cpu: bool) -> str:
+    """train.mixed_precision as Accelerate takes it: `auto` becomes bf16 where the device computes it (a CUDA
+    GPU that supports it, a CPU with bf16 instructions), else no; a precision the device lacks is refused."""
+    if not cpu:
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return requested
+    if requested == "fp16":
+        raise UsageError("train.mixed_precision=fp16 needs CUDA; on CPU use train.mixed_precision=bf16 (on a CPU with "
+                         "bf16 instructions), auto or no")
+    if requested in ("bf16", "auto") and cpu_has_bf16():
+        return "bf16"
+    if requested == "bf16":
+        raise UsageError("train.mixed_precision=bf16 on CPU needs bf16 instructions (avx512_bf16 or amx_bf16 in "
+                         "/proc/cpuinfo), which this CPU lacks (it would only emulate bf16); use "
+                         "train.mixed_precision=auto or no")
+    return "no"
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this config; `cpu=` is always explicit (otherwise, under a multi-process
     launch on CPU, each process would silently train alone: docs/pitfalls.md); its trackers (train.log_with)
@@ -58,10 +91,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if t.device == "cuda" and not cuda:
         raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     cpu = t.device == "cpu" or not cuda
-    if cpu and t.mixed_precision != "no":
-        raise UsageError(f"train.mixed_precision={t.mixed_precision} needs CUDA; on CPU use train.mixed_precision=no")
     run = RunLayout.of(cfg)
-    return Accelerator(cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(t.mixed_precision, cpu),
+                       gradient_accumulation_steps=t.grad_accum,
                        log_with=accelerate_log_with(check_trackers(t.log_with), run), project_dir=str(run.root))
 
 

@@ -85,15 +85,18 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, str | int | float | boo
 
 
 def announce(acc: Accelerator, mixed_precision: str) -> None:
-    """The start lines of the main process: processes, torch.distributed backend and device, and a launcher
-    setting that the config overrides (Accelerator(mixed_precision=...) wins over accelerate launch's)."""
+    """The start lines of the main process: processes, torch.distributed backend, device and the precision it
+    trains in, and a launcher setting that the config overrides (Accelerator(mixed_precision=...) wins over
+    accelerate launch's)."""
     if not acc.is_main_process:
         return
     from accelerate.state import PartialState
 
     n = acc.num_processes
-    log.info("%d process%s, %s, %s", n, "" if n == 1 else "es", PartialState().backend or "no torch.distributed",
-             acc.device.type)
+    precision = "fp32" if acc.mixed_precision == "no" else acc.mixed_precision
+    chosen = f" (train.mixed_precision={mixed_precision})" if mixed_precision == "auto" else ""
+    log.info("%d process%s, %s, %s, %s%s", n, "" if n == 1 else "es", PartialState().backend or "no torch.distributed",
+             acc.device.type, precision, chosen)
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if launched and launched != mixed_precision:
         # "no" is also what a launcher config says when it leaves precision to the training script
