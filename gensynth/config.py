@@ -97,9 +97,9 @@ class TrainConfig:
                              "65536, far above what fits in memory at any resolution here", min=1, max=65536)
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", min=1)
     mixed_precision: str = option("no", "no | bf16 | fp16 | auto. fp16 needs CUDA (and uses a grad scaler); bf16 "
-                                  "needs CUDA or a CPU with bf16 instructions (avx512_bf16 or AMX: about 2x the "
-                                  "steps per CPU-second of fp32 for the GAN, bench/cpu_bf16.py); auto = bf16 where "
-                                  "the device has it, else no", choices=("no", "bf16", "fp16", "auto"))
+                                  "needs CUDA or a CPU with bf16 instructions (avx512_bf16 or AMX: 1.4-1.7x the "
+                                  "steps per CPU-second of fp32 here, bench/cpu_bf16.py); auto = bf16 where the "
+                                  "device has it, else no", choices=("no", "bf16", "fp16", "auto"))
     device: str = option("auto", "auto (CUDA when present) | cpu | cuda", choices=("auto", "cpu", "cuda"))
     resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint path")
     log_every: int = option(50, "steps between scalar logs", min=1)

@@ -98,7 +98,7 @@ def announce(acc: Accelerator, mixed_precision: str) -> None:
     log.info("%d process%s, %s, %s, %s%s", n, "" if n == 1 else "es", PartialState().backend or "no torch.distributed",
              acc.device.type, precision, chosen)
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    if launched and launched != mixed_precision:
+    if launched and launched not in (mixed_precision, acc.mixed_precision):  # auto may resolve to what it says
         # "no" is also what a launcher config says when it leaves precision to the training script
         (log.info if launched == "no" else log.warning)(
             "accelerate launch (ACCELERATE_MIXED_PRECISION) set mixed precision %s, but train.mixed_precision=%s "
