@@ -94,3 +94,17 @@ def test_a_bf16_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(toy_
     last = sorted((run_dir(split) / "checkpoints").glob("step-*"))[-1]
     other = sorted((run_dir(whole) / "checkpoints").glob("step-*"))[-1]
     assert rank_state(last)["params_digest"] == rank_state(other)["params_digest"]
+
+
+def test_one_process_can_train_runs_of_different_precisions_in_turn(tmp_path):
+    """Accelerate refuses a second precision in a process ("AcceleratorState has already been initialized"); gensynth
+    demo's stages and any script that trains twice may need one, so each run's accelerator starts afresh."""
+    first = "bf16" if cpu_has_bf16() else "no"
+    probe = ("from gensynth.families import load_run_config; from gensynth.train.loop import build_accelerator\n"
+             f"for precision in [{first!r}, 'no', {first!r}]:\n"
+             f"    cfg = load_run_config(None, ['train.mixed_precision=' + precision, 'run.root={tmp_path}', "
+             "'train.log_with=[]'])\n"
+             "    print(build_accelerator(cfg).mixed_precision)")
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [first, "no", first]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from gensynth import __version__, storage
@@ -91,9 +92,13 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if t.device == "cuda" and not cuda:
         raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     cpu = t.device == "cpu" or not cuda
+    precision = resolve_precision(t.mixed_precision, cpu)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # Accelerate keeps one precision per process and refuses another; a process that trains several runs
+        # (gensynth demo's stages, a test session, a user's script) starts each afresh. The process group stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
     run = RunLayout.of(cfg)
-    return Accelerator(cpu=cpu, mixed_precision=resolve_precision(t.mixed_precision, cpu),
-                       gradient_accumulation_steps=t.grad_accum,
+    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=t.grad_accum,
                        log_with=accelerate_log_with(check_trackers(t.log_with), run), project_dir=str(run.root))
 
 
