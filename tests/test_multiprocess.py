@@ -79,3 +79,16 @@ def test_two_simulated_nodes(shards, tmp_path):
     run_all(commands)
     for workers in (0, 2):
         check_epoch(tmp_path, keys, workers)
+
+
+@pytest.mark.multiprocess
+def test_ranks_leave_the_process_group_together(tmp_path):
+    """A rank that is done waits for one still working before either takes the group down (leaving alone
+    aborts a finished job now and then at interpreter exit)."""
+    cmd = [*ACCELERATE, *COMMON, "--num_machines", "1", "--main_process_port", str(free_port()),
+           str(Path(__file__).parent / "scripts" / "leave_together.py"), str(tmp_path)]
+    run_all([cmd])
+    busy, done = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert busy["entered"] - done["entered"] > 1.0, "rank 0 was meant to arrive late"
+    assert done["left"] >= busy["entered"], "rank 1 left before rank 0 had finished its work"
+    assert busy["group_down"] and done["group_down"]

@@ -45,7 +45,7 @@ from gensynth.generate.shards import (
     write_shard,
 )
 from gensynth.progress import progress
-from gensynth.runtime.ranks import rank_world
+from gensynth.runtime.ranks import leave_together, rank_world
 from gensynth.runtime.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
 
 log = logging.getLogger("gensynth")
@@ -249,6 +249,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if storage.exists(manifest_url(out)) and read_manifest(out).provenance.get("fingerprint") == job.fingerprint():
         log.info("%s is already complete (%s): nothing to do", out, MANIFEST_NAME)
         result.manifest = read_manifest(out)
+        _leave(group)
         return result
     labels = interleaved_labels(list(job.counts))
     worker, workers = task * world + rank, tasks * world
@@ -309,8 +310,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
         result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license, result.receipts)
-    if group:
-        torch.distributed.barrier()
+    _leave(group)  # the others wait for rank 0's manifest
     return result
 
 
@@ -346,13 +346,23 @@ def writer_processes(writers: int, spare_cores: bool = False) -> Iterator[Proces
         torch.set_num_threads(threads)
 
 
-def _process_group(world: int) -> bool:
-    """Join the launcher's process group (gloo: it only carries barriers) when there are several processes."""
+def _process_group(world: int) -> str:
+    """Join the launcher's process group (gloo: it only carries barriers) when there are several processes:
+    "ours" when this job started it (and takes it down at the end), "caller's" when it was running, "" alone."""
     if world <= 1:
-        return False
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return True
+        return ""
+    if torch.distributed.is_initialized():
+        return "caller's"
+    torch.distributed.init_process_group("gloo")
+    return "ours"
+
+
+def _leave(group: str) -> None:
+    """The job's last collective: take down a group this job started; only wait at the caller's."""
+    if group == "ours":
+        leave_together()
+    elif group:
+        torch.distributed.barrier()
 
 
 def summary(result: Result) -> list[str]:

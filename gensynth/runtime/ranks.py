@@ -22,3 +22,15 @@ def all_agree(flags: list[bool], device: torch.device) -> list[bool]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def leave_together() -> None:
+    """The end of a job's collectives: wait for every rank, then take the process group down.
+
+    Why the wait: a rank that destroys its group and exits while another still holds the connection
+    (rank 0 writing the export) now and then aborts at interpreter exit with SIGABRT ("terminate called
+    without an active exception"), so a finished job reports a failure; measured in about 1 in 40
+    two-rank gloo runs on CPU, and in none of 180 with the barrier first. A no-op in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -22,6 +22,7 @@ from gensynth.data.codec import encode_png
 from gensynth.errors import ConfigError
 from gensynth.progress import interactive
 from gensynth.runtime.layout import RunLayout
+from gensynth.runtime.ranks import leave_together
 
 log = logging.getLogger("gensynth")
 
@@ -252,18 +253,17 @@ class Tracker:
             self.writer.flush()
 
     def close(self, together: bool) -> None:
-        """together: every rank ended the loop at once (done, or stopped by a signal): Accelerate's
-        end_training, which also takes the process group down. After an error only the trackers are
+        """together: every rank ended the loop at once (done, or stopped by a signal): the trackers are
+        finished and the ranks take the process group down together. After an error only the trackers are
         finished: another rank may still wait inside a collective."""
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        for tracker in self.acc.trackers:
+            tracker.finish()
         if together:
-            self.acc.end_training()
-        else:
-            for tracker in self.acc.trackers:
-                tracker.finish()
+            leave_together()
 
 
 def point_mlflow(run: RunLayout) -> None:
