@@ -57,7 +57,7 @@ test: setup lint
 	else \
 	  echo "make test: the SLURM tests need the dev cluster: run 'sudo make slurm-up' (or sudo slurm/dev-cluster.sh) first" >&2; \
 	fi; \
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 slurm-up:
 	slurm/dev-cluster.sh
