@@ -139,7 +139,7 @@ def test_a_shard_written_from_bytes_encoded_beforehand_is_the_shard_the_job_writ
     job = build_job(sampler, str(tiny_gan), GenerateOptions(num=1100, shard_size=600))
     labels = interleaved_labels(list(job.counts))
     for k in range(job.num_shards):  # 600 samples (more than one write batch), then 500
-        images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k)
+        images, shard_labels, scores, dropped, _ = draw_shard(sampler, job, labels, k)
         ShardDraft(SetInfo.of(sampler), job, k, images, shard_labels, scores, dropped,
                    str(tmp_path / "encoded")).write(encode_images(images, job.encoding)).publish()
     job_files = tree(tmp_path / "job")

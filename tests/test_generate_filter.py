@@ -15,6 +15,7 @@ from gensynth.evaluate.extractor import KIND
 from gensynth.evaluate.filter import SampleFilter, load_filter
 from gensynth.export import save_export
 from gensynth.families import load_sampler
+from gensynth.generate import shards
 from gensynth.generate.options import GenerateOptions
 from gensynth.generate.plan import build_job, interleaved_labels
 from gensynth.generate.shards import draw_shard
@@ -41,11 +42,11 @@ def test_rejected_samples_are_redrawn_until_every_place_passes(tiny_gan):
     sampler = load_sampler(tiny_gan)
     job = build_job(sampler, str(tiny_gan), GenerateOptions(num=64, per_class="64,0,0,0,0,0,0,0,0,0", shard_size=64))
     labels = interleaved_labels(list(job.counts))
-    plain, _, _, _ = draw_shard(sampler, job, labels, 0)
+    plain = draw_shard(sampler, job, labels, 0).images
     level = float(np.median(plain.reshape(64, -1).mean(1) / 255))  # about half the samples fail at first
     judge = SampleFilter(BrightnessJudge(level), 0.9, {"threshold": 0.9})
-    images, kept_labels, scores, dropped = draw_shard(sampler, job, labels, 0, judge)
-    assert (scores >= 0.9).all() and dropped[0] >= 20 and dropped[1:].sum() == 0
+    images, kept_labels, scores, dropped, copied = draw_shard(sampler, job, labels, 0, judge)
+    assert (scores >= 0.9).all() and dropped[0] >= 20 and dropped[1:].sum() == 0 and copied is None
     assert (images.reshape(64, -1).mean(1) / 255 > level).all()
     kept_before = plain.reshape(64, -1).mean(1) / 255 > level + 0.005  # clear passes stay where they were
     assert np.array_equal(images[kept_before], plain[kept_before])
@@ -53,16 +54,17 @@ def test_rejected_samples_are_redrawn_until_every_place_passes(tiny_gan):
     assert np.array_equal(again[0], images) and np.array_equal(again[3], dropped)
 
 
-def test_a_shard_that_keeps_redrawing_reports_its_progress_and_gives_up_with_the_classes(tiny_gan, caplog):
+def test_a_shard_that_keeps_redrawing_reports_its_progress_and_gives_up_with_the_classes(tiny_gan, caplog,
+                                                                                        monkeypatch):
     sampler = load_sampler(tiny_gan)
     job = build_job(sampler, str(tiny_gan), GenerateOptions(num=8, per_class="6,2,0,0,0,0,0,0,0,0", shard_size=8))
     judge = SampleFilter(BrightnessJudge(2.0), 0.9, {"threshold": 0.9})  # brighter than white: nothing passes
-    judge.MAX_ROUNDS = 25
+    monkeypatch.setattr(shards, "REDRAW_ROUNDS", 25)
     with caplog.at_level("INFO", logger="gensynth"), pytest.raises(GensynthError, match="after 25 redraws"):
         draw_shard(sampler, job, interleaved_labels(list(job.counts)), 0, judge)
     progress = [r.getMessage() for r in caplog.records if "redraw round" in r.getMessage()]
     assert progress == [f"shard 0: redraw round {r} of at most 25: 8 samples ({sampler.classes[0]} 6, "
-                        f"{sampler.classes[1]} 2) still below the filter's 0.90" for r in (10, 20)]
+                        f"{sampler.classes[1]} 2) still rejected (8 below the filter's 0.90)" for r in (10, 20)]
 
 
 def constant_classifier(folder, probabilities: list[float]) -> str:

@@ -174,6 +174,7 @@ def test_a_copying_model_is_never_the_best_export_and_generate_warns_with_the_fi
     generated = gensynth("generate", str(run_dir(strict)), str(tmp_path / "synth"), "--num", "10")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert f"{100 * recorded['near_copies']:.1f}% of its samples were near-copies" in generated.stderr
+    assert "Pass --reject-copies to redraw them" in generated.stderr
     lenient = tiny_config(tmp_path / "lenient", toy_data, eval__max_copies=1.0, **common)
     assert gensynth("train", str(lenient)).returncode == 0
     quiet = gensynth("generate", str(run_dir(lenient)), str(tmp_path / "synth2"), "--num", "10")

@@ -57,16 +57,15 @@ def search_method(refs: int, exact_limit: int = EXACT_LIMIT) -> dict[str, Any]:
             "probes": min(IVF_PROBES, lists), "trained_on": min(refs, 40 * lists)}
 
 
-def nearest(queries: torch.Tensor, refs: torch.Tensor,
-            exact_limit: int = EXACT_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs. Searched
-    with faiss (search_method says how); exact results equal nearest_brute's."""
+def nearest_index(refs: torch.Tensor, exact_limit: int = EXACT_LIMIT) -> tuple[Any, dict[str, Any]]:
+    """A faiss index over the uint8 reference images `refs`, and how it searches (search_method): built once,
+    searched by `search_nearest` as often as needed (generation's copy filter searches it per shard)."""
     # faiss's loader logs, at INFO, each CPU-specific build it tries and does not find: noise in a user's log
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
-    q, r = flatten_unit(queries).numpy(), flatten_unit(refs).numpy()
-    dim = q.shape[1]
+    r = flatten_unit(refs).numpy()
+    dim = r.shape[1]
     method = search_method(len(r), exact_limit)
     faiss.omp_set_num_threads(torch.get_num_threads())
     if method["exact"]:
@@ -77,9 +76,24 @@ def nearest(queries: torch.Tensor, refs: torch.Tensor,
         index.train(r[np.sort(sample)])
         index.nprobe = method["probes"]
     index.add(r)
+    return index, method
+
+
+def search_nearest(index: Any, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS pixel distance to the nearest reference image of `index`, its index) for each uint8 query."""
+    q = flatten_unit(queries).numpy()
+    if q.shape[1] != index.d:
+        raise ValueError(f"images of {q.shape[1]} values searched among reference images of {index.d}")
     d2, at = index.search(q, 1)
-    dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0) / dim)).float()
+    dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0) / index.d)).float()
     return dist, torch.from_numpy(at[:, 0]).long()
+
+
+def nearest(queries: torch.Tensor, refs: torch.Tensor,
+            exact_limit: int = EXACT_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS pixel distance to the nearest reference image, its index) for each query; uint8 inputs. Searched
+    with faiss (search_method says how); exact results equal nearest_brute's."""
+    return search_nearest(nearest_index(refs, exact_limit)[0], queries)
 
 
 def nearest_brute(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

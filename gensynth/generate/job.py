@@ -26,7 +26,7 @@ from gensynth.data.codec import SOFT_ARRAY
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
-from gensynth.evaluate.filter import load_filter
+from gensynth.evaluate.filter import load_copy_filter, load_filter
 from gensynth.evaluate.teacher import Teacher, load_teacher
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
@@ -50,7 +50,8 @@ from gensynth.runtime.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopReques
 
 log = logging.getLogger("gensynth")
 
-SHARED_RECEIPT_PARTS = ("schema", "class_counts", "dropped", "job")  # equal in most receipts of one job
+# equal in most receipts of one job
+SHARED_RECEIPT_PARTS = ("schema", "class_counts", "dropped", "copies_rejected", "job")
 
 
 class IncompleteGeneration(GensynthError):
@@ -102,14 +103,18 @@ class Result:
 
 
 def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str = "general",
-               teacher: Teacher | None = None, license: str = "") -> dict[str, Any]:
+               teacher: Teacher | None = None, license: str = "", copied: np.ndarray | None = None) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
     # only a relabelled set names its teacher: a set without soft labels keeps the manifest bytes it always had
-    relabel = {} if teacher is None else {"relabel": teacher.describe()}
-    relabel.update({"license": license} if license else {})  # likewise a set without a --license
-    return {**relabel, "kind": "generate", "family": sampler.family,
+    extra = {} if teacher is None else {"relabel": teacher.describe()}
+    extra.update({"license": license} if license else {})  # likewise a set without a --license
+    if job.novelty is not None:  # ... or without --reject-copies
+        copied = np.zeros_like(dropped) if copied is None else copied
+        extra["reject_copies"] = {**job.novelty, "rejected": int(copied.sum()),
+                                  "rejected_per_class": {str(c): int(n) for c, n in enumerate(copied) if n}}
+    return {**extra, "kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
                        "config_sha256": job.export_config_sha256, "run": cfg.get("run"), "step": cfg.get("step")},
             "training_data": cfg.get("training_data") or [],  # every set the model saw
@@ -119,15 +124,16 @@ def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, pur
             "fingerprint": job.fingerprint(), "gensynth_version": __version__}
 
 
-def warn_if_copying(sampler: Sampler, source: str) -> None:
+def warn_if_copying(sampler: Sampler, source: str, rejecting: bool = False) -> None:
     """Say so when the export's own in-training evaluation found its samples copying training images."""
     last = sampler.config.get("last_eval") or {}
     copies, limit = last.get("near_copies"), last.get("max_copies", 0.01)
     if isinstance(copies, (int, float)) and copies >= limit:
         log.warning("this model copies its training images: at step %s, %.1f%% of its samples were near-copies "
-                    "(the limit is %.1f%%); the synthetic set may publish them. Generate from the run's best/ export "
-                    "(chosen among evaluations below the limit) or train with fewer steps", last.get("step"),
-                    100 * copies, 100 * limit)
+                    "(the limit is %.1f%%); %s", last.get("step"), 100 * copies, 100 * limit,
+                    "--reject-copies redraws each of them" if rejecting else
+                    "the synthetic set may publish them. Pass --reject-copies to redraw them, generate from the "
+                    "run's best/ export (chosen among evaluations below the limit) or train with fewer steps")
 
 
 def check_out(out: str, job: Job, overwrite: bool) -> None:
@@ -166,6 +172,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
     them back would cost a second pass over the whole set: on S3, a download of it)."""
     shards, histogram, missing, schemas = [], np.zeros(sampler.num_classes, dtype=np.int64), [], []
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
+    copied = np.zeros(sampler.num_classes, dtype=np.int64)
     names = [shard_name(SPLIT, k) for k in range(job.num_shards)]
     # on S3 each check is round trips (receipt, shard): a bounded pool keeps FINALIZE_THREADS in flight
     with ThreadPoolExecutor(max_workers=FINALIZE_THREADS, thread_name_prefix="gensynth-verify") as pool:
@@ -182,6 +189,8 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
             histogram[int(c)] += n
         for c, n in receipt.get("dropped", {}).items():
             dropped[int(c)] += n
+        for c, n in receipt.get("copies_rejected", {}).items():
+            copied[int(c)] += n
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise IncompleteGeneration(f"{out}: {len(missing)} of {job.num_shards} shards are missing or do not match "
@@ -191,7 +200,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
         raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
-                            provenance(sampler, job, source, dropped, purpose, teacher, license))
+                            provenance(sampler, job, source, dropped, purpose, teacher, license, copied))
     publish(out, manifest)
     return manifest
 
@@ -226,9 +235,12 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if not opts.relabel and (opts.relabel_teacher or opts.relabel_test):
         raise UsageError("--relabel-teacher and --relabel-test only apply with --relabel")
     teacher = load_teacher(opts.relabel_teacher, sampler.config, opts.relabel_test) if opts.relabel else None
-    job = build_job(sampler, source, opts, keep, teacher)
+    if opts.copy_reference and not opts.reject_copies:
+        raise UsageError("--copy-reference only applies with --reject-copies")
+    novel = load_copy_filter(sampler.config, opts.copy_reference) if opts.reject_copies else None
+    job = build_job(sampler, source, opts, keep, teacher, novel)
     result = Result(out)
-    warn_if_copying(sampler, source)
+    warn_if_copying(sampler, source, opts.reject_copies)
     if opts.finalize:
         result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license)
         result.finalized_only = True
@@ -277,11 +289,11 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                 result.skipped += 1
                 result.keep(done)
                 continue
-            images, shard_labels, scores, dropped = draw_shard(sampler, job, labels, k, keep)
+            images, shard_labels, scores, dropped, copied = draw_shard(sampler, job, labels, k, keep, novel)
             soft = None if teacher is None else teacher.probabilities(torch.from_numpy(images).permute(0, 3, 1, 2))
             if pool is not None:  # each writer holds one shard; one more waits, drawn
                 pending.append(pool.submit(write_shard, info, job, k, images, shard_labels, scores, dropped, out,
-                                           soft, 1))
+                                           soft, 1, copied))
                 while len(pending) > writers:
                     result.add(pending.popleft().result())
                 continue
@@ -289,9 +301,9 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
                 while pending:
                     result.add(pending.popleft().result())
                 pending.append(writer.submit(write_shard, info, job, k, images, shard_labels, scores, dropped, out,
-                                             soft))
+                                             soft, None, copied))
                 continue
-            draft = ShardDraft(info, job, k, images, shard_labels, scores, dropped, out, soft).write()
+            draft = ShardDraft(info, job, k, images, shard_labels, scores, dropped, out, soft, copied=copied).write()
             try:
                 while pending:  # shard k-1 was published (a wait on storage) while shard k was written
                     result.add(pending.popleft().result())

@@ -40,6 +40,11 @@ class GenerateOptions:
         "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)
     filter_classifier: str = option("", "the classifier export for --filter (default: the cached feature "
                                     "extractor of the model's training data, trained on first use)")
+    reject_copies: bool = option(False, "redraw every sample that is a near-copy of one of the model's training "
+                                 "images (nearer to one than a third of the median distance of unseen real images to "
+                                 "them: the evaluation's rule); how many were redrawn goes into the manifest")
+    copy_reference: str = option("", "unseen real images that set the near-copy scale for --reject-copies (default: "
+                                 "the test set beside the model's training set)")
     relabel: bool = option(False, "store a teacher classifier's class probabilities with every sample (soft.npy, "
                            "float32 [classes]) for training on soft labels; the teacher is trained only on the "
                            "generator's own training set (cached, trained on first use)")

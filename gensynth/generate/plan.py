@@ -14,7 +14,7 @@ import torch
 
 from gensynth.data.plan import derive_seed
 from gensynth.errors import UsageError
-from gensynth.evaluate.filter import SampleFilter
+from gensynth.evaluate.filter import CopyFilter, SampleFilter
 from gensynth.evaluate.teacher import Teacher
 from gensynth.export import CONFIG, export_folder
 from gensynth.families.sampling import Sampler
@@ -80,6 +80,7 @@ class Job:
     options: dict[str, Any] = field(hash=False)
     filter: dict[str, Any] | None = field(default=None, hash=False)  # {"classifier_sha256", "threshold"}
     relabel: dict[str, Any] | None = field(default=None, hash=False)  # {"teacher_tensors_sha256", "trained_on"}
+    novelty: dict[str, Any] | None = field(default=None, hash=False)  # the copy filter's rule (CopyFilter.describe)
 
     @property
     def num(self) -> int:
@@ -91,8 +92,9 @@ class Job:
 
     def fingerprint(self) -> str:
         described = asdict(self)
-        if described["relabel"] is None:  # a job without soft labels keeps the fingerprint it always had
-            del described["relabel"]
+        for extra in ("relabel", "novelty"):  # a job without soft labels or copy filter keeps its old fingerprint
+            if described[extra] is None:
+                del described[extra]
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
     def shard_range(self, k: int) -> tuple[int, int]:
@@ -117,7 +119,7 @@ def shard_generator(seed: int, k: int) -> torch.Generator:
 
 
 def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: SampleFilter | None = None,
-              teacher: Teacher | None = None) -> Job:
+              teacher: Teacher | None = None, novel: CopyFilter | None = None) -> Job:
     shard_size, encoding, seed = opts.shard_size, opts.encoding, opts.seed
     if shard_size < 1:
         raise UsageError(f"--shard-size {shard_size}: must be >= 1")
@@ -131,4 +133,5 @@ def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: Sample
     return Job(sampler.config["weights_sha256"], config_sha, seed, tuple(counts), shard_size, encoding,
                sampler.resolve_options({**sampler.purpose_options(opts.purpose),
                                         **{k: v for k, v in opts.sampling().items() if v is not None}}),
-               keep.describe if keep else None, teacher.identity if teacher else None)
+               keep.describe if keep else None, teacher.identity if teacher else None,
+               novel.describe if novel else None)

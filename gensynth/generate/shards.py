@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from gensynth import storage
 from gensynth.data.codec import SOFT_ARRAY, encode_chunks
 from gensynth.data.writer import MetaTemplate, ShardSetWriter
 from gensynth.errors import GensynthError
-from gensynth.evaluate.filter import SampleFilter
+from gensynth.evaluate.filter import CopyFilter, SampleFilter
 from gensynth.families.sampling import Sampler
 from gensynth.generate.plan import SPLIT, Job, shard_generator
 from gensynth.runtime.faults import crash_point
@@ -37,37 +37,76 @@ def receipt_names(out: str) -> list[str]:
     return sorted({n for f in RECEIPT_FOLDERS for n in storage.listdir(storage.join(out, f)) if n.endswith(".json")})
 
 
-def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int,
-               keep: SampleFilter | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """Shard k's images (uint8 n x H x W x C), labels, filter scores (or None) and drops per class: a
-    function of (export, job, k) alone. With a filter, rejected samples are redrawn (for the same labels,
-    from the same generator) until every place is filled."""
+REDRAW_ROUNDS = 50  # redraws of the rejected samples before a shard gives up
+REPORT_EVERY = 10  # rounds between progress lines while a shard redraws
+
+
+class Drawn(NamedTuple):
+    """A shard's samples as drawn: images (uint8 n x H x W x C), labels, the classifier filter's scores (or None),
+    and per class the samples redrawn because that filter rejected them, and because they were near-copies
+    (None without the copy filter)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray | None
+    dropped: np.ndarray
+    copied: np.ndarray | None
+
+
+def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int, keep: SampleFilter | None = None,
+               novel: CopyFilter | None = None) -> Drawn:
+    """Shard k's samples: a function of (export, job, k) alone. With a filter (the classifier's `keep`, the copy
+    filter `novel`), rejected samples are redrawn (for the same labels, from the same generator) until every
+    place is filled; a sample both filters reject counts as a copy."""
     lo, hi = job.shard_range(k)
     shard_labels = torch.from_numpy(labels[lo:hi])
     generator = shard_generator(job.seed, k)
     images = sampler.sample(shard_labels, generator, job.options)
     dropped = np.zeros(sampler.num_classes, dtype=np.int64)
-    if keep is None:
-        return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), None, dropped
-    scores = keep.scores(images, shard_labels)
-    for round_ in range(keep.MAX_ROUNDS):
-        rejected = (scores < keep.threshold).nonzero().squeeze(1)
+    copied = None if novel is None else np.zeros(sampler.num_classes, dtype=np.int64)
+    scores = None if keep is None else keep.scores(images, shard_labels)
+    if keep is None and novel is None:
+        return Drawn(images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), None, dropped, None)
+    copy = torch.zeros(len(shard_labels), dtype=torch.bool) if novel is None else novel.copies(images)
+    for round_ in range(REDRAW_ROUNDS + 1):
+        low = torch.zeros_like(copy) if keep is None else scores < keep.threshold
+        rejected = (low | copy).nonzero().squeeze(1)
         if len(rejected) == 0:
             break
-        if round_ and round_ % keep.REPORT_EVERY == 0:  # a model that rarely passes redraws for minutes
-            log.info("shard %d: redraw round %d of at most %d: %d samples (%s) still below the filter's %.2f", k,
-                     round_, keep.MAX_ROUNDS, len(rejected), named_counts(shard_labels[rejected], sampler.classes),
-                     keep.threshold)
-        dropped += np.bincount(shard_labels[rejected].numpy(), minlength=sampler.num_classes)
+        if round_ == REDRAW_ROUNDS:
+            raise GensynthError(f"shard {k}: {why_rejected(shard_labels, low, copy, sampler.classes, keep)} after "
+                                f"{REDRAW_ROUNDS} redraws")
+        if round_ and round_ % REPORT_EVERY == 0:  # a model that rarely passes redraws for minutes
+            reasons = ([f"{int((low & ~copy).sum())} below the filter's {keep.threshold:.2f}"] if keep else []) + \
+                ([f"{int(copy.sum())} near-copies"] if novel else [])
+            log.info("shard %d: redraw round %d of at most %d: %d samples (%s) still rejected (%s)", k, round_,
+                     REDRAW_ROUNDS, len(rejected), named_counts(shard_labels[rejected], sampler.classes),
+                     ", ".join(reasons))
+        dropped += np.bincount(shard_labels[low & ~copy].numpy(), minlength=sampler.num_classes)
+        if copied is not None:
+            copied += np.bincount(shard_labels[copy].numpy(), minlength=sampler.num_classes)
         redrawn = sampler.sample(shard_labels[rejected], generator, job.options)
         images[rejected] = redrawn
-        scores[rejected] = keep.scores(redrawn, shard_labels[rejected])
-    else:
-        short = sorted({sampler.classes[int(c)] for c in shard_labels[scores < keep.threshold]})
-        raise GensynthError(f"shard {k}: after {keep.MAX_ROUNDS} redraws some samples of {', '.join(short)} still "
-                            f"score below --filter-threshold {keep.threshold}; the model rarely makes that class "
-                            "recognisably: lower the threshold or improve the model")
-    return images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(), scores.numpy(), dropped
+        if keep is not None:
+            scores[rejected] = keep.scores(redrawn, shard_labels[rejected])
+        copy[rejected] = False if novel is None else novel.copies(redrawn)
+    return Drawn(images.permute(0, 2, 3, 1).numpy(), shard_labels.numpy(),
+                 None if scores is None else scores.numpy(), dropped, copied)
+
+
+def why_rejected(labels: torch.Tensor, low: torch.Tensor, copy: torch.Tensor, classes: list[str] | tuple[str, ...],
+                 keep: SampleFilter | None) -> str:
+    """What a shard that gave up still rejects, and what would help."""
+    parts = []
+    if copy.any():
+        parts.append(f"samples of {named_counts(labels[copy], classes)} were still near-copies of the model's "
+                     "training images; the model copies them: generate from an export of fewer steps (its run's best/ "
+                     "keeps evaluations below eval.max_copies) or train with more data")
+    if (low & ~copy).any():
+        short = sorted({classes[int(c)] for c in labels[low & ~copy]})
+        parts.append(f"some samples of {', '.join(short)} still score below --filter-threshold {keep.threshold}; "
+                     "the model rarely makes that class recognisably: lower the threshold or improve the model")
+    return "; ".join(parts)
 
 
 def named_counts(labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> str:
@@ -110,9 +149,10 @@ class ShardDraft:
 
     def __init__(self, info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
                  scores: np.ndarray | None, dropped: np.ndarray, out: str, soft: np.ndarray | None = None,
-                 encode_threads: int | None = None):
+                 encode_threads: int | None = None, copied: np.ndarray | None = None):
         self.info, self.job, self.k, self.out = info, job, k, out
         self.images, self.labels, self.scores, self.dropped, self.soft = images, labels, scores, dropped, soft
+        self.copied = copied  # near-copies redrawn, per class (None: no copy filter)
         self.encode_threads = encode_threads
         # one place more than the shard holds: the shard is published by publish(), not by its last sample
         self.writer = ShardSetWriter(out, SPLIT, shard_size=len(labels) + 1, encoding=job.encoding, first_index=k)
@@ -165,6 +205,8 @@ class ShardDraft:
                    "class_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
                    "dropped": {str(c): int(n) for c, n in enumerate(self.dropped) if n}, "job": self.job.fingerprint(),
                    "schema": self.writer.schema()}
+        if self.copied is not None:  # (a job without the copy filter keeps the receipts it always had)
+            receipt["copies_rejected"] = {str(c): int(n) for c, n in enumerate(self.copied) if n}
         storage.write_bytes(receipt_url(self.out, written.name), json.dumps(receipt, sort_keys=True).encode(),
                             "write receipt")
         return receipt
@@ -172,12 +214,14 @@ class ShardDraft:
 
 def write_shard(info: SetInfo, job: Job, k: int, images: np.ndarray, labels: np.ndarray,
                 scores: np.ndarray | None, dropped: np.ndarray, out: str,
-                soft: np.ndarray | None = None, encode_threads: int | None = None) -> dict[str, Any]:
+                soft: np.ndarray | None = None, encode_threads: int | None = None,
+                copied: np.ndarray | None = None) -> dict[str, Any]:
     """Encode shard k, publish it whole, then its receipt; return the receipt. `soft`: the --relabel
     teacher's probabilities (float32 [n, classes]), stored as each sample's soft.npy; without it the shard is
     what it always was. `encode_threads`: PNG encoding threads (default every core; 1 in a writer process,
-    where the processes share the cores)."""
-    return ShardDraft(info, job, k, images, labels, scores, dropped, out, soft, encode_threads).write().publish()
+    where the processes share the cores). `copied`: the near-copies redrawn per class, with the copy filter."""
+    return ShardDraft(info, job, k, images, labels, scores, dropped, out, soft, encode_threads,
+                      copied).write().publish()
 
 
 def move_old_receipts(out: str) -> int:
