@@ -203,13 +203,16 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
 
 
 def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, train: str, report: Path,
-                          cfg: EvalConfig, training: dict, threads: int) -> dict:
+                          cfg: EvalConfig, training: dict, threads: int, reject_copies: bool = True) -> dict:
     """Sample `num` images from the export of `run` into `synth` (run None: `synth` is already written) and
-    evaluate them; in a process of its own (the classifiers seed torch's global generator). A rerun with the
+    evaluate them; in a process of its own (the classifiers seed torch's global generator). With
+    `reject_copies`, near-copies of the generator's training images are redrawn (generate --reject-copies, the
+    real test set as the unseen reference: the evaluation's rule) and the metrics say how many. A rerun with the
     same training, count and protocol reuses the metrics it wrote."""
     torch.set_num_threads(threads)
     record = report / "quality_row.json"
-    key = {"training": training, "num": num, "cfg": dataclasses.asdict(cfg)}
+    key = {"training": training, "num": num, "cfg": dataclasses.asdict(cfg),
+           **({"reject_copies": True} if reject_copies and run is not None else {})}
 
     def what(k: dict) -> dict:  # the model, count and protocol; not how long training took
         return {**k, "training": {n: v for n, v in (k.get("training") or {}).items() if n != "wall_s"}}
@@ -218,9 +221,13 @@ def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, tr
         earlier = json.loads(record.read_text())
         if what(earlier.get("key") or {}) == what(json.loads(json.dumps(key))):
             return earlier["metrics"]
+    copies = None
     if run is not None:
-        generate(str(run), str(synth), num=num, seed=0, overwrite=True)
+        rejecting = {"reject_copies": True, "copy_reference": test} if reject_copies else {}
+        made = generate(str(run), str(synth), num=num, seed=0, overwrite=True, **rejecting).manifest
+        copies = made.provenance.get("reject_copies", {}).get("rejected")
     metrics = evaluate_synthetic(str(synth), test, train=train, report=str(report), cfg=cfg)
+    metrics["copies_redrawn"] = copies
     record.write_text(json.dumps({"key": key, "metrics": metrics}))
     return metrics
 
@@ -248,7 +255,7 @@ def row(family: str, data: str, training: dict, m: dict) -> dict:
         "kid_floor_x1000": f["kid_floor_x1000"], "precision": f["precision"], "recall": f["recall"],
         "precision_floor": f["precision_floor"], "recall_floor": f["recall_floor"],
         "class_consistency": f["class_consistency"], "near_copy_fraction": mem["near_copy_fraction"],
-        "near_copy_floor": mem["real_floor_fraction"],
+        "near_copy_floor": mem["real_floor_fraction"], "copies_redrawn": m.get("copies_redrawn"),
         "cas": cas.get("cas"), "cas_real": cas.get("real_accuracy"), "cas_ratio": cas.get("ratio"),
         "aug_real": (aug.get("real_only") or {}).get("mean"),
         "aug_mixed": (aug.get("real_plus_synthetic") or {}).get("mean"),
@@ -274,8 +281,14 @@ def table(rows: list[dict]) -> list[str]:
             f"{fmt(r['precision'], digits=3)} / "
             f"{fmt(r['recall'], digits=3)} ({fmt(r['precision_floor'], digits=3)} / {fmt(r['recall_floor'], digits=3)})"
             f" | {fmt(r['class_consistency'], True, 1)}% | {fmt(r['near_copy_fraction'], True)}% "
-            f"({fmt(r['near_copy_floor'], True)}%) | {cas} | {aug} |")
+            f"({fmt(r['near_copy_floor'], True)}%){redrawn(r)} | {cas} | {aug} |")
     return lines
+
+
+def redrawn(r: dict) -> str:
+    """", 1234 redrawn": the near-copies generate --reject-copies redrew for the row's set (none: not on)."""
+    n = r.get("copies_redrawn")
+    return "" if n is None else f", {n} redrawn"
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -347,6 +360,8 @@ def main() -> int:
     ap.add_argument("--rows", help="comma-separated rows to run, by run name (gan_full, gan_k10, prior_k50, "
                     "cdcgan_full, ...; default all that --families, --ks and --no-reference give)")
     ap.add_argument("--no-reference", action="store_true", help=f"skip the {REFERENCE} row (bench/cdcgan.py)")
+    ap.add_argument("--keep-copies", action="store_true", help="generate without --reject-copies (by default each "
+                    "near-copy of a generator's training images is redrawn, as a team publishing a set would)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                     help="training override for every family, e.g. gan.lr_g=2e-4 (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every process (1: the budget "
@@ -432,7 +447,8 @@ def main() -> int:
         run = None if family == REFERENCE else work / "runs" / name
         row_cfg = cfg if full else dataclasses.replace(cfg, cas=False)
         metrics = evaluators.submit(generate_and_evaluate, run, synth, args.num if full else args.num_k, test, train,
-                                    work / "reports" / name, row_cfg, training, args.threads).result()
+                                    work / "reports" / name, row_cfg, training, args.threads,
+                                    not args.keep_copies).result()
         print(f"== {name}: evaluated", flush=True)
         return training, metrics
 
@@ -468,7 +484,9 @@ def main() -> int:
         f"FID / KID / precision-recall (k={cfg.pr_k}): {cfg.num} synthetic vs {cfg.num} real test images (same "
         "class histogram); floor: as many real training images vs the same test images",
         f"near-copies: nearest-training-image RMS pixel distance < {cfg.copy_ratio:.3g} x the median for real test "
-        "images (training set = the generator's own)",
+        "images (training set = the generator's own); "
+        + ("kept (--keep-copies)" if args.keep_copies else "generated with --reject-copies (the same rule, the real "
+           "test set as reference): each near-copy redrawn, the count shown as 'N redrawn'"),
         f"classifier (CAS, augmentation): SmallCNN, {cfg.classifier_steps} steps, batch {cfg.classifier_batch_size}, "
         f"AdamW {cfg.classifier_lr:g} cosine, classic augmentation {cfg.real_augment} of every real (and synthetic: "
         f"{cfg.augment_synthetic}) image; CAS: {args.num} synthetic vs {args.num} real, 1 seed; "
