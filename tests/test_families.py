@@ -422,3 +422,42 @@ def test_minibatch_std_groups_never_mix_the_real_and_fake_halves():
     std = MinibatchStd(4)(torch.cat([real, fake]))[:, -1, 0, 0]
     assert torch.all(std[8:] < 1e-3), "a fake's group held real images"
     assert torch.all(std[:8] > 0.1)
+
+
+def gan_trainer(**gan: object):
+    """A GAN trainer on 8x8 grey images of 10 classes, on the CPU, with gan.<key>=value overrides."""
+    from accelerate import Accelerator
+
+    from gensynth.config import load_config
+    from gensynth.families.gan import GANOptions
+    from gensynth.families.gan.trainer import GANTrainer
+    from gensynth.families.training import DataInfo
+
+    overrides = ["model.family=gan", "model.resolution=8", "gan.z_dim=8", "gan.g_channels=8", "gan.d_channels=8",
+                 "gan.max_channels=16", *(f"gan.{k}={v}" for k, v in gan.items())]
+    cfg = load_config(None, overrides, {"gan": GANOptions})
+    data = DataInfo(8, 8, 1, 10, [f"c{i}" for i in range(10)], None)
+    return GANTrainer(cfg, Accelerator(cpu=True), data)
+
+
+def test_mode_seeking_draws_each_label_twice_and_penalises_pairs_that_look_alike():
+    torch.manual_seed(0)
+    real, labels = torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8)
+    seen = []
+    trainer = gan_trainer(mode_seeking=1.0)
+    trainer.G.register_forward_hook(lambda module, args, out: seen.append((*args, out.detach().float())))
+    metrics = trainer.train_step(real, labels, 0).metrics
+    z, fake_labels, fake = seen[0]
+    assert fake_labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # pairs of one label, two noises
+    assert not torch.equal(z[:4], z[4:])
+    apart = (fake[:4] - fake[4:]).abs().mean() / (z[:4] - z[4:]).abs().mean()
+    assert float(metrics["loss/mode_seeking"]) == pytest.approx(float(1 / (apart + 1e-5)), rel=1e-5)  # MSGAN's
+    off = gan_trainer().train_step(real, labels, 0).metrics
+    assert "loss/mode_seeking" not in off
+    stepped = {}
+    for weight in (1.0, 1e-12):  # the same pairs and noise; only the term's weight differs
+        torch.manual_seed(1)
+        trainer = gan_trainer(mode_seeking=weight)
+        trainer.train_step(real, labels, 0)
+        stepped[weight] = torch.cat([p.detach().flatten() for p in trainer.G.parameters()])
+    assert not torch.allclose(stepped[1.0], stepped[1e-12])  # the term is in the generator's loss

@@ -42,6 +42,9 @@ class GANOptions:
                                    min=0)
     diffaugment: str = option("", "DiffAugment policy for small data, e.g. translation,cutout "
                               "(Zhao et al. 2020); empty = off", each_of=DIFFAUGMENT_POLICIES)
+    mode_seeking: float = option(0.0, "mode-seeking regularisation weight (Mao et al. 2019, MSGAN: 1): two noises "
+                                 "of one label should give images as far apart as the noises are, against a generator "
+                                 "that draws one narrow part of each class; 0 = off", min=0.0)
     lr_g: float = option(1e-4, "generator learning rate; TTUR: D learns faster than G (Heusel et al. 2017; "
                          "1e-4 / 4e-4 as in SAGAN, Zhang et al. 2019)", min=0.0)
     lr_d: float = option(4e-4, "discriminator learning rate", min=0.0)

@@ -1,5 +1,5 @@
 """The GAN family's step: a class-conditional DCGAN (gensynth/models/dcgan.py) trained with hinge or
-non-saturating loss, optional lazy R1 and DiffAugment, TTUR learning rates and a generator EMA.
+non-saturating loss, optional lazy R1, DiffAugment and mode seeking, TTUR learning rates and a generator EMA.
 
 One call of `train_step` is one micro-batch: ONE generator forward, whose fakes serve both updates; a
 discriminator update on real + fake (detached) images in ONE forward (so DDP sees one forward per
@@ -75,10 +75,14 @@ class GANTrainer(Trainer):
     def train_step(self, real: torch.Tensor, labels: torch.Tensor, step: int) -> StepResult:
         acc, g = self.accelerator, self.cfg.gan
         n = real.shape[0]
+        pairs = n // 2 if g.mode_seeking > 0 else 0
+        # mode seeking compares fakes i and pairs + i: one label, two noises (the labels' mix stays the data's)
+        fake_labels = torch.cat([labels[:pairs], labels[:pairs], labels[2 * pairs:]]) if pairs else labels
         with acc.accumulate(self.G, self.D):
             # one generator forward per step: its fakes, detached, train D; then, through D, G itself
+            z = torch.randn(n, g.z_dim, device=real.device)
             with acc.autocast():
-                fake = self.G(torch.randn(n, g.z_dim, device=real.device), labels)
+                fake = self.G(z, fake_labels)
             # -- discriminator: real and fake in one forward (MinibatchStd groups stay inside each half)
             r1_now = g.r1_gamma > 0 and step % g.r1_interval == 0
             real_in = real.detach().requires_grad_(r1_now)
@@ -86,7 +90,7 @@ class GANTrainer(Trainer):
             if self.policy:
                 x = diff_augment(x, self.policy)
             with acc.autocast():
-                logits = self.D(x, torch.cat([labels, labels])).float()
+                logits = self.D(x, torch.cat([labels, fake_labels])).float()
             d_loss = d_loss_fn(g.loss, logits[:n], logits[n:])
             total = d_loss
             r1 = None
@@ -100,14 +104,21 @@ class GANTrainer(Trainer):
             self.D_raw.requires_grad_(False)
             with acc.autocast():
                 x = diff_augment(fake, self.policy) if self.policy else fake
-                g_loss = g_loss_fn(g.loss, self.D_raw(x, labels).float())
-            acc.backward(g_loss)
+                g_loss = g_loss_fn(g.loss, self.D_raw(x, fake_labels).float())
+            g_total, seeking = g_loss, None
+            if pairs:  # MSGAN's term: the inverse of image distance over noise distance, batch means
+                apart = (fake[:pairs] - fake[pairs:2 * pairs]).float().abs().mean()
+                seeking = 1 / (apart / (z[:pairs] - z[pairs:2 * pairs]).abs().mean() + 1e-5)
+                g_total = g_loss + g.mode_seeking * seeking
+            acc.backward(g_total)
             self.D_raw.requires_grad_(True)
             g_norm = clip_and_step(acc, self.G, self.opt_g, self.cfg.train.grad_clip)
         metrics = {"loss/d": d_loss.detach(), "loss/g": g_loss.detach(),
                    "logits/real": logits[:n].detach().mean(), "logits/fake": logits[n:].detach().mean()}
         if r1 is not None:
             metrics["loss/r1"] = r1.detach()
+        if seeking is not None:
+            metrics["loss/mode_seeking"] = seeking.detach()
         if acc.sync_gradients:
             # every rank's images (their batches can differ: exact mode's last one), so all ranks' EMAs agree
             images = acc.reduce(torch.tensor(n, device=real.device), "sum") if acc.num_processes > 1 else n
