@@ -37,6 +37,8 @@ def test_the_copy_rule_is_the_evaluations(tiny_gan):
     assert novel.threshold == pytest.approx(judged.threshold, rel=1e-6)
     assert torch.equal(novel.copies(drawn), torch.from_numpy(judged.near_copy))
     assert novel.copies(drawn)[:10].all()
+    # the job's fingerprint holds the rule's inputs, not the figures floating point computes from them
+    assert novel.identity == {"copy_ratio": pytest.approx(1 / 3)} and "threshold_rms" in novel.describe
 
 
 def test_near_copies_are_redrawn_and_counted_per_class(tiny_gan):

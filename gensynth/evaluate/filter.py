@@ -72,7 +72,10 @@ class CopyFilter:
         self.index, search = nearest_index(train)
         scale = float(search_nearest(self.index, unseen)[0].median())
         self.threshold = copy_ratio * scale
-        self.describe = {**(describe or {}), "copy_ratio": round(copy_ratio, 6), "median_unseen_rms": round(scale, 6),
+        # what the job's fingerprint holds: the rule's inputs, not the figures computed from them (another CPU's
+        # floating point could round those differently, and array tasks must agree on the job)
+        self.identity = {**(describe or {}), "copy_ratio": round(copy_ratio, 6)}
+        self.describe = {**self.identity, "median_unseen_rms": round(scale, 6),
                          "threshold_rms": round(self.threshold, 6), "search": search}
 
     def copies(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from gensynth.data.codec import SOFT_ARRAY
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
-from gensynth.evaluate.filter import load_copy_filter, load_filter
+from gensynth.evaluate.filter import CopyFilter, load_copy_filter, load_filter
 from gensynth.evaluate.teacher import Teacher, load_teacher
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
@@ -103,16 +103,17 @@ class Result:
 
 
 def provenance(sampler: Sampler, job: Job, source: str, dropped: np.ndarray, purpose: str = "general",
-               teacher: Teacher | None = None, license: str = "", copied: np.ndarray | None = None) -> dict[str, Any]:
+               teacher: Teacher | None = None, license: str = "", copied: np.ndarray | None = None,
+               novel: CopyFilter | None = None) -> dict[str, Any]:
     cfg = sampler.config
     kept = None if job.filter is None else {**job.filter, "dropped": int(dropped.sum()),
                                             "dropped_per_class": {str(c): int(n) for c, n in enumerate(dropped) if n}}
     # only a relabelled set names its teacher: a set without soft labels keeps the manifest bytes it always had
     extra = {} if teacher is None else {"relabel": teacher.describe()}
     extra.update({"license": license} if license else {})  # likewise a set without a --license
-    if job.novelty is not None:  # ... or without --reject-copies
+    if novel is not None:  # ... or without --reject-copies
         copied = np.zeros_like(dropped) if copied is None else copied
-        extra["reject_copies"] = {**job.novelty, "rejected": int(copied.sum()),
+        extra["reject_copies"] = {**novel.describe, "rejected": int(copied.sum()),
                                   "rejected_per_class": {str(c): int(n) for c, n in enumerate(copied) if n}}
     return {**extra, "kind": "generate", "family": sampler.family,
             "export": {"path": str(source), "weights_sha256": job.export_weights_sha256,
@@ -166,7 +167,7 @@ FINALIZE_THREADS = 16  # shards verified at once by --finalize (storage round tr
 
 def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "general",
              teacher: Teacher | None = None, license: str = "",
-             known: dict[str, dict[str, Any]] | None = None) -> Manifest:
+             known: dict[str, dict[str, Any]] | None = None, novel: CopyFilter | None = None) -> Manifest:
     """Verify every shard against its receipt, then write the manifest (atomically, last). `known`: the
     receipts of shards this process wrote or verified itself in this run, by name, taken as they are (reading
     them back would cost a second pass over the whole set: on S3, a download of it)."""
@@ -200,7 +201,7 @@ def finalize(out: str, sampler: Sampler, job: Job, source: str, purpose: str = "
         raise IncompleteGeneration(f"{out}: its shards' receipts disagree on the samples' schema; rerun the "
                                    "generation with --overwrite")
     manifest = set_manifest(SPLIT, shards, schemas[0], dict(enumerate(histogram.tolist())), list(sampler.classes),
-                            provenance(sampler, job, source, dropped, purpose, teacher, license, copied))
+                            provenance(sampler, job, source, dropped, purpose, teacher, license, copied, novel))
     publish(out, manifest)
     return manifest
 
@@ -242,7 +243,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     result = Result(out)
     warn_if_copying(sampler, source, opts.reject_copies)
     if opts.finalize:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license, novel=novel)
         result.finalized_only = True
         return result
     if overwrite and tasks > 1:
@@ -321,7 +322,8 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     if group:
         torch.distributed.barrier()
     if tasks == 1 and rank == 0:
-        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license, result.receipts)
+        result.manifest = finalize(out, sampler, job, source, opts.purpose, teacher, opts.license, result.receipts,
+                                   novel)
     _leave(group)  # the others wait for rank 0's manifest
     return result
 

@@ -80,7 +80,7 @@ class Job:
     options: dict[str, Any] = field(hash=False)
     filter: dict[str, Any] | None = field(default=None, hash=False)  # {"classifier_sha256", "threshold"}
     relabel: dict[str, Any] | None = field(default=None, hash=False)  # {"teacher_tensors_sha256", "trained_on"}
-    novelty: dict[str, Any] | None = field(default=None, hash=False)  # the copy filter's rule (CopyFilter.describe)
+    novelty: dict[str, Any] | None = field(default=None, hash=False)  # the copy filter's (CopyFilter.identity)
 
     @property
     def num(self) -> int:
@@ -134,4 +134,4 @@ def build_job(sampler: Sampler, source: str, opts: GenerateOptions, keep: Sample
                sampler.resolve_options({**sampler.purpose_options(opts.purpose),
                                         **{k: v for k, v in opts.sampling().items() if v is not None}}),
                keep.describe if keep else None, teacher.identity if teacher else None,
-               novel.describe if novel else None)
+               novel.identity if novel else None)
