@@ -74,8 +74,8 @@ def draw_shard(sampler: Sampler, job: Job, labels: np.ndarray, k: int, keep: Sam
         if len(rejected) == 0:
             break
         if round_ == REDRAW_ROUNDS:
-            raise GensynthError(f"shard {k}: {why_rejected(shard_labels, low, copy, sampler.classes, keep)} after "
-                                f"{REDRAW_ROUNDS} redraws")
+            raise GensynthError(f"shard {k}, after {REDRAW_ROUNDS} redraws: "
+                                f"{why_rejected(shard_labels, low, copy, sampler.classes, keep)}")
         if round_ and round_ % REPORT_EVERY == 0:  # a model that rarely passes redraws for minutes
             reasons = ([f"{int((low & ~copy).sum())} below the filter's {keep.threshold:.2f}"] if keep else []) + \
                 ([f"{int(copy.sum())} near-copies"] if novel else [])
