@@ -383,10 +383,11 @@ def main() -> int:
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--render {args.render}: not a result file of this benchmark ({type(e).__name__}: {e})")
         return 0
-    bad = [kv for kv in args.sets if "=" not in kv or kv.startswith(("run.", "eval."))]
+    bad = [kv for kv in args.sets if "=" not in kv or (kv.startswith(("run.", "eval.")) and
+                                                         not kv.startswith("run.seed="))]
     if bad:
         ap.error(f"--set {bad[0]}: give SECTION.KEY=VALUE of the training config (run.* and eval.* are the "
-                 "benchmark's own)")
+                 "benchmark's own, but for run.seed: a seed repeat)")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from gensynth.families import load_run_config
