@@ -109,9 +109,10 @@ def test_a_job_without_relabel_is_unchanged_and_relabel_only_adds_soft_npy(made,
         assert not any(name.endswith(".soft.npy") for name in without)
         # the same samples, byte for byte, plus one soft.npy each
         assert {n: v for n, v in with_soft.items() if not n.endswith(".soft.npy")} == without
-    # the fingerprint of a job without --relabel is the one the code before --relabel computed (no such field)
+    # the fingerprint of a job without --relabel (or --reject-copies) is the one the code before them computed
+    # (no such fields)
     job = build_job(load_sampler(tiny_gan), str(tiny_gan), GenerateOptions(num=45, shard_size=16, seed=3))
-    before = {k: v for k, v in asdict(job).items() if k != "relabel"}
+    before = {k: v for k, v in asdict(job).items() if k not in ("relabel", "novelty")}
     assert off.provenance["fingerprint"] == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert on.provenance["fingerprint"] != off.provenance["fingerprint"]  # relabel makes it another job
     capsys.readouterr()
