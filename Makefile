@@ -67,6 +67,7 @@ slurm-down:
 
 bench: setup
 	$(BIN)/python bench/loader.py --json bench/results/loader.json
+	$(BIN)/python bench/skip.py --json bench/results/skip.json
 	$(BIN)/python bench/train_overhead.py --json bench/results/train_overhead.json
 	$(BIN)/python bench/cpu_bf16.py --json bench/results/cpu_bf16.json
 	$(BIN)/python bench/generate.py --json bench/results/generate.json

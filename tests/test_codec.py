@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gensynth.data import tario
 from gensynth.data.codec import (
     DecodeError,
     decode_image,
@@ -165,6 +166,87 @@ def test_skipping_samples_by_their_headers_lands_where_reading_through_would(fmt
     f = io.BytesIO(stdlib_tar(members, fmt))
     assert skip_samples(f, skip) == min(skip, 5)
     assert list(iter_samples(f)) == list(iter_samples(io.BytesIO(stdlib_tar(members, fmt))))[skip:]
+
+
+def plain_tar(members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT, gnu_checksum: bool = False) -> bytes:
+    """Members with no directory entry, as our writer and most tools lay them out; with `gnu_checksum`, each
+    header's checksum field rewritten as GNU tar writes it ("%07o\\0" instead of tarfile's "%06o\\0 ")."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = bytearray(buf.getvalue())
+    if gnu_checksum:
+        pos = 0
+        while out[pos:pos + 512] != bytes(512):
+            header = out[pos:pos + 512]
+            header[148:156] = b"%07o\0" % (sum(header[:148]) + 256 + sum(header[156:]))
+            out[pos:pos + 512] = header
+            pos += 512 + (int(header[124:135], 8) + 511) // 512 * 512
+    return bytes(out)
+
+
+def spy_exact(monkeypatch) -> list[int]:
+    """Calls of the header-by-header loop that skip_samples hands over to (what it was asked to skip)."""
+    calls: list[int] = []
+    exact = tario._skip_exact
+
+    def spy(f, count, key, passed):
+        calls.append(count)
+        return exact(f, count, key, passed)
+
+    monkeypatch.setattr(tario, "_skip_exact", spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1024, 5000, 1 << 16])
+@pytest.mark.parametrize("gnu_checksum", [False, True])
+def test_skipping_plain_headers_in_bulk_lands_where_reading_through_would(monkeypatch, chunk, gnu_checksum):
+    """Our shards' headers are followed with numpy a chunk at a time: any skip, members larger than a chunk, keys
+    in folders whose names hold dots, tarfile's and GNU tar's checksum fields; the exact loop only sees the end."""
+    monkeypatch.setattr(tario, "_SKIP_CHUNK", chunk)
+    calls = spy_exact(monkeypatch)
+    members = [(f"a.b/c-{i % 2}/s-{i:03d}.{ext}", bytes([i]) * (i * 397 % 3000)) for i in range(30)
+               for ext in ("cls", "png", "seg.json")]
+    data = plain_tar(members, gnu_checksum=gnu_checksum)
+    whole = list(iter_samples(io.BytesIO(data)))
+    assert len(whole) == 30 and whole[1][0] == "a.b/c-1/s-001"
+    for skip in range(33):
+        f = io.BytesIO(data)
+        assert skip_samples(f, skip) == min(skip, 30)
+        assert list(iter_samples(f)) == whole[skip:]
+        assert calls == ([skip] if skip >= 30 else []), "a plain shard is skipped in bulk up to its end marker"
+        calls.clear()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_skipping_hands_a_long_name_to_the_exact_loop(monkeypatch, fmt):
+    """Plain headers in bulk up to the first long name (a pax or GNU header), the rest header by header."""
+    monkeypatch.setattr(tario, "_SKIP_CHUNK", 2048)
+    calls = spy_exact(monkeypatch)
+    members = [(("d" * 120 + "/" if i == 6 else "") + f"s-{i:02d}.{ext}", bytes([i]) * 700) for i in range(12)
+               for ext in ("cls", "png")]
+    data = plain_tar(members, fmt)
+    whole = list(iter_samples(io.BytesIO(data)))
+    for skip in range(14):
+        f = io.BytesIO(data)
+        assert skip_samples(f, skip) == min(skip, 12)
+        assert list(iter_samples(f)) == whole[skip:]
+    assert calls == list(range(6, 14)), "bulk up to sample 6 (its long name), exact from there"
+
+
+def test_skipping_in_bulk_still_fails_on_damage_and_truncation():
+    members = [(f"s-{i:02d}.{ext}", bytes([i]) * 600) for i in range(20) for ext in ("cls", "png")]
+    data = plain_tar(members)
+    damaged = bytearray(data)
+    damaged[10 * 2 * (512 + 1024) + 1] ^= 0x01  # a name byte of sample 10's first header: its checksum fails
+    assert skip_samples(io.BytesIO(bytes(damaged)), 9) == 9  # lands on sample 9: the damage lies beyond
+    with pytest.raises(CorruptShard):
+        skip_samples(io.BytesIO(bytes(damaged)), 10)  # sample 10 begins at the damaged header
+    with pytest.raises(TruncatedShard):
+        skip_samples(io.BytesIO(data[:15 * 2 * (512 + 1024) + 700]), 18)
 
 
 class _Unseekable(io.RawIOBase):
