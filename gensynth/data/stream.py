@@ -37,6 +37,7 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+import numpy.random  # noqa: F401  DataLoader workers seed it: imported here once, not per worker and epoch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
