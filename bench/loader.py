@@ -203,7 +203,8 @@ def main() -> int:
     ap.add_argument("--data-npy", default="data/fashion_npy", help="the npy copy (made if missing)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for every contender but the *_w0 rows")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best quiet pass of each is kept")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating rounds; the best quiet pass of each is "
+                    "kept (single passes move by +-20%% with the host)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
