@@ -226,7 +226,7 @@ _NAME_INDEX = np.arange(100, dtype=np.uint8)
 
 def _plain_headers(chunk: bytes) -> tuple[np.ndarray, np.ndarray, int]:
     """The run of plain ustar headers at the start of `chunk` (which begins with a header), followed member to
-    member: (their byte offsets, their keys as zero-padded rows of 100 bytes, the offset after the run). A plain
+    member: (their byte offsets, their keys as zero-padded byte rows, the offset after the run). A plain
     header has an 11-digit octal size within bounds, a valid checksum in the form tarfile or GNU tar writes, a
     regular-file type, no ustar prefix and an ASCII name; the run ends at the first other header (or the
     end-of-archive marker) or where the chunk does. The key rule is iter_samples': the name up to the first dot
