@@ -35,7 +35,9 @@ def coverage_report(real: torch.Tensor, real_labels: torch.Tensor, synth: torch.
     real_radii, synth_radii = fidelity.knn_radii(real, k), fidelity.knn_radii(synth, k)
     nearest_synth = torch.cat([fidelity.pairwise_distances(real[i:i + 2048], synth).min(1).values
                                for i in range(0, len(real), 2048)])
-    precision, recall = fidelity.precision_recall(real.numpy(), synth.numpy(), k)
+    # precision and recall as fidelity.precision_recall computes them, from the radii already at hand
+    precision = fidelity.coverage_of(synth, real, real_radii)
+    recall = fidelity.coverage_of(real, synth, synth_radii)
     classes = sorted(set(real_labels.tolist()))
     return {"precision": precision, "recall": recall, "coverage": float((nearest_synth <= real_radii).float().mean()),
             "median_radius_real": float(real_radii.median()), "median_radius_synthetic": float(synth_radii.median()),
