@@ -237,6 +237,25 @@ def test_skipping_hands_a_long_name_to_the_exact_loop(monkeypatch, fmt):
     assert calls == list(range(6, 14)), "bulk up to sample 6 (its long name), exact from there"
 
 
+def test_skipping_a_local_shard_reads_it_memory_mapped(monkeypatch, tmp_path):
+    """A shard on disk is skipped through its memory map (chunks are views of it, not reads through the file
+    object), landing where reading through would, across chunks."""
+    monkeypatch.setattr(tario, "_SKIP_CHUNK", 4096)
+    chunks: list[type] = []
+    plain = tario._plain_headers
+    monkeypatch.setattr(tario, "_plain_headers", lambda chunk: chunks.append(type(chunk)) or plain(chunk))
+    path = tmp_path / "shard.tar"
+    path.write_bytes(plain_tar([(f"s-{i:03d}.{ext}", bytes([i]) * (i * 131 % 1500)) for i in range(40)
+                                for ext in ("cls", "png")]))
+    with open(path, "rb") as f:
+        whole = list(iter_samples(f))
+    for skip in (1, 17, 39):
+        with open(path, "rb", buffering=1 << 20) as f:
+            assert skip_samples(f, skip) == skip
+            assert list(iter_samples(f)) == whole[skip:]
+    assert len(chunks) > 3 and set(chunks) == {memoryview}, "the shard was read through instead of mapped"
+
+
 def test_skipping_in_bulk_still_fails_on_damage_and_truncation():
     members = [(f"s-{i:02d}.{ext}", bytes([i]) * 600) for i in range(20) for ext in ("cls", "png")]
     data = plain_tar(members)
