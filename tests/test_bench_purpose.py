@@ -74,3 +74,47 @@ def test_the_samplers_take_exactly_the_values_the_committed_sweep_adopted():
     for family, entry in swept.items():
         adopted = {purpose: {entry["option"]: j["best"]} for purpose, j in entry["judged"].items() if j["adopt"]}
         assert samplers[family].PURPOSES == adopted, family
+
+
+def test_the_sweep_can_sweep_the_classifier_filter_for_cas_alone(tmp_path: Path, monkeypatch):
+    """--option filter_threshold draws each set through `generate --filter T` (0: no filter), and --purposes cas
+    needs and measures only the full-data model. A threshold no sample reaches is a failed row, not the end of
+    the sweep; a rerun reuses the rows it measured."""
+    torch.set_num_threads(1)
+    monkeypatch.setenv("GENSYNTH_CACHE", str(tmp_path / "cache"))
+    data, work = tmp_path / "toy", tmp_path / "work"
+    # two classes: a barely trained classifier still gives some samples of each their label above 0.3
+    write_shard_set(data / "train", [40, 40], classes=2)
+    write_shard_set(data / "test", [30], split="test", classes=2)
+    train_tiny_gan(work / "runs", str(data / "train"), name="gan_full")  # no K-shot run: not needed for cas
+    out = tmp_path / "purpose.json"
+    argv = ["--work", str(work), "--data", str(data), "--families", "gan", "--option", "filter_threshold",
+            "--values", "0,0.3,0.999", "--purposes", "cas", "--num", "40", "--cas-seeds", "1", "--parallel", "1",
+            "--json", str(out), "eval.classifier_steps=3", "eval.extractor_epochs=1", "eval.classifier_batch_size=8"]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "purpose.py"), *argv], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gan = json.loads(out.read_text())["families"]["gan"]
+    assert gan["option"] == "filter_threshold" and set(gan["judged"]) == {"cas"} and "augment" not in gan
+    off, on, never = gan["cas"]
+    assert (off["filter_threshold"], on["filter_threshold"]) == (0.0, 0.3)
+    assert never["filter_threshold"] == 0.999 and "after 50 redraws" in never["failed"]
+    assert gan["judged"]["cas"]["best"] in (0.0, 0.3) and "failed: shard 0, after 50 redraws" in done.stdout
+    assert "filtered_out" not in off and on["filtered_out"] >= 0
+    synth = work / "purpose" / "synth"
+    filters = [json.loads((synth / f"gan_full-filter_threshold-{v}" / "manifest.json").read_text())["provenance"]
+               ["filter"] for v in ("0", "0.3")]
+    assert filters[0] is None and filters[1]["threshold"] == 0.3
+    assert filters[1]["dropped"] == on["filtered_out"]
+    (synth / "gan_full-filter_threshold-0.3" / "manifest.json").unlink()  # a measured row is not drawn again
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "purpose.py"), *argv], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(out.read_text())["families"]["gan"]["cas"][:2] == [off, on]
+    assert not (synth / "gan_full-filter_threshold-0.3" / "manifest.json").exists()
+
+
+def test_an_option_sweep_needs_its_values():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "purpose.py"), "--option", "filter_threshold"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--option needs --values" in done.stderr
