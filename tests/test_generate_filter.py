@@ -109,3 +109,33 @@ def test_the_default_classifier_is_the_one_of_the_images_the_samples_imitate(tmp
                                {"kind": "derived", "model": "prior", "train": str(tmp_path / "codes")}]}
     with pytest.raises(UsageError, match=f"training data '{tmp_path / 'images'}' is not reachable"):
         load_filter("", prior, 0.9)
+
+
+def test_purpose_sets_the_filter_measured_best_for_the_family_and_an_explicit_filter_wins(tiny_gan, tmp_path,
+                                                                                         monkeypatch):
+    from gensynth.families.gan.sampler import GANSampler
+
+    classifier = constant_classifier(tmp_path / "clf", [0.95] + [0.05 / 9] * 9)
+    monkeypatch.setattr(GANSampler, "PURPOSES", {"cas": {"filter_threshold": 0.9}})
+    common = ["--per-class", "8,0,0,0,0,0,0,0,0,0", "--filter-classifier", classifier]
+
+    def filter_of(name: str, *flags: str) -> dict | None:
+        assert main(["-q", "generate", str(tiny_gan), str(tmp_path / name), *common, *flags]) == 0
+        return read_manifest(str(tmp_path / name)).provenance["filter"]
+
+    assert filter_of("cas", "--purpose", "cas")["threshold"] == 0.9  # the family's measured value
+    assert filter_of("general") is None and filter_of("augment", "--purpose", "augment") is None
+    assert filter_of("given", "--purpose", "cas", "--filter", "0.5")["threshold"] == 0.5
+    assert filter_of("off", "--purpose", "cas", "--filter", "0") is None  # 0: no filter, whatever the purpose
+
+
+def test_a_purpose_filter_without_a_classifier_says_how_to_draw_without_it(tiny_gan, tmp_path, monkeypatch):
+    from gensynth.families.gan.sampler import GANSampler
+    from gensynth.generate.job import purpose_filter
+
+    monkeypatch.setattr(GANSampler, "PURPOSES", {"cas": {"filter_threshold": 0.9}})
+    sampler = load_sampler(tiny_gan)
+    sampler.config = {**sampler.config, "training_data": [{"kind": "images", "train": str(tmp_path / "gone")}]}
+    with pytest.raises(UsageError, match=r"--purpose cas keeps only the samples .*threshold 0.9.*--filter 0$"):
+        purpose_filter(sampler, GenerateOptions(purpose="cas"))
+    assert purpose_filter(sampler, GenerateOptions(purpose="cas", filter_threshold=0)) is None

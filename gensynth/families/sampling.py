@@ -24,6 +24,7 @@ from gensynth.errors import UsageError
 from gensynth.imaging import to_uint8
 
 PURPOSES = ("cas", "augment")  # what a synthetic set is for (GenerateOptions.purpose)
+FILTER_OPTION = "filter_threshold"  # a Sampler.PURPOSES key that is generate's --filter, not a sampling option
 
 
 class Reconstruction(NamedTuple):
@@ -43,7 +44,8 @@ class Sampler:
     OPTIONS: dict[str, tuple[Any, str]] = {}
     # purpose -> option values that serve it better than OPTIONS' defaults, by measurement (bench/purpose.py):
     # "cas", a classifier trained on the samples alone (wants variety), "augment", samples added to real data
-    # (wants fidelity); Ravuri & Vinyals 2019 found the best BigGAN truncation differs between the two
+    # (wants fidelity); Ravuri & Vinyals 2019 found the best BigGAN truncation differs between the two. Besides
+    # the family's sampling options, FILTER_OPTION sets the threshold of generate's classifier filter.
     PURPOSES: dict[str, dict[str, Any]] = {}
     codebook_size: int = 0  # codes in the codebook that `reconstruct` reports codes of; 0 = no codebook
 
@@ -67,10 +69,17 @@ class Sampler:
         return {name: given.get(name, default) for name, (default, _) in self.OPTIONS.items()}
 
     def purpose_options(self, purpose: str) -> dict[str, Any]:
-        """The measured option values for `purpose` ("general": none, the plain defaults)."""
+        """The measured sampling option values for `purpose` ("general": none, the plain defaults)."""
+        return {k: v for k, v in self._purpose(purpose).items() if k != FILTER_OPTION}
+
+    def purpose_filter(self, purpose: str) -> float | None:
+        """The classifier filter's threshold measured best for `purpose`; None: no filter."""
+        return self._purpose(purpose).get(FILTER_OPTION)
+
+    def _purpose(self, purpose: str) -> dict[str, Any]:
         if purpose not in ("general", *PURPOSES):
             raise UsageError(f"purpose {purpose!r}: use one of general, {', '.join(PURPOSES)}")
-        return dict(self.PURPOSES.get(purpose, {}))
+        return self.PURPOSES.get(purpose, {})
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):

@@ -26,7 +26,7 @@ from gensynth.data.codec import SOFT_ARRAY
 from gensynth.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest
 from gensynth.data.writer import set_manifest, shard_name
 from gensynth.errors import GensynthError, UsageError
-from gensynth.evaluate.filter import CopyFilter, load_copy_filter, load_filter
+from gensynth.evaluate.filter import CopyFilter, SampleFilter, load_copy_filter, load_filter
 from gensynth.evaluate.teacher import Teacher, load_teacher
 from gensynth.families import load_sampler
 from gensynth.families.sampling import Sampler
@@ -216,6 +216,23 @@ def pick_device(device: str, local_rank: int) -> str:
     return "cpu"
 
 
+def purpose_filter(sampler: Sampler, opts: GenerateOptions) -> SampleFilter | None:
+    """The classifier filter of --filter, or else the one --purpose sets for this family (its measured
+    threshold); --filter 0 draws without one."""
+    threshold = opts.filter_threshold
+    if threshold is None:
+        threshold = sampler.purpose_filter(opts.purpose)
+        if threshold is None:
+            return None
+        try:
+            return load_filter(opts.filter_classifier, sampler.config, threshold)
+        except UsageError as e:
+            raise UsageError(f"--purpose {opts.purpose} keeps only the samples that a classifier recognises (threshold "
+                             f"{threshold:g}, measured best for a {sampler.family} set): {e}; or draw without it: "
+                             "--filter 0") from None
+    return load_filter(opts.filter_classifier, sampler.config, threshold) if threshold > 0 else None
+
+
 def generate(source: str, out: str, opts: GenerateOptions | None = None, **fields: Any) -> Result:
     """Write this worker's shards of the job (and the manifest, when this worker is the only one, or rank 0
     of a process group with a single task). Returns what was done. `fields` are GenerateOptions fields by
@@ -230,9 +247,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     rank, world = rank_world()
     out = str(out).rstrip("/")
     sampler = load_sampler(source, device=pick_device(opts.device, int(os.environ.get("LOCAL_RANK", rank))))
-    keep = None
-    if opts.filter_threshold is not None:
-        keep = load_filter(opts.filter_classifier, sampler.config, opts.filter_threshold)
+    keep = purpose_filter(sampler, opts)
     if not opts.relabel and (opts.relabel_teacher or opts.relabel_test):
         raise UsageError("--relabel-teacher and --relabel-test only apply with --relabel")
     teacher = load_teacher(opts.relabel_teacher, sampler.config, opts.relabel_test) if opts.relabel else None

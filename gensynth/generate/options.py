@@ -21,8 +21,9 @@ class GenerateOptions:
     shard_size: int = option(5000, "samples per shard", min=1)
     encoding: str = option("png", "image encoding", choices=("png", "npy"))
     purpose: str = option("general", "what the set is for: cas (a classifier trained on it alone: variety), augment "
-                          "(added to real data: fidelity), or general; sets the family's sampling defaults to the "
-                          "ones measured best for it (an option given here still wins)",
+                          "(added to real data: fidelity), or general; sets the family's sampling defaults, and "
+                          "where measured a --filter threshold, to the ones measured best for it (an option given "
+                          "here still wins)",
                           choices=("general", "cas", "augment"))
     license: str = option("", "the set's license for its manifest and README.md dataset card (default there: "
                           "unknown, since the terms of the model's training images are not gensynth's to know)")
@@ -37,7 +38,8 @@ class GenerateOptions:
                           "the CPU, where the model's own threads use the cores)", min=0)
     filter_threshold: float | None = option(
         None, "keep only samples that a classifier gives their label with probability >= FILTER_THRESHOLD (0.9 when "
-        "given bare); the rest are redrawn and counted in the manifest", min=0.0, max=1.0, flag="--filter", const=0.9)
+        "given bare; 0: no filter, also where --purpose sets one); the rest are redrawn and counted in the manifest",
+        min=0.0, max=1.0, flag="--filter", const=0.9)
     filter_classifier: str = option("", "the classifier export for --filter (default: the cached feature "
                                     "extractor of the model's training data, trained on first use)")
     reject_copies: bool = option(False, "redraw every sample that is a near-copy of one of the model's training "
