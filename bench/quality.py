@@ -203,16 +203,19 @@ def train_on_budget(config: Path, overrides: list[str], run_dir: Path, budget_s:
 
 
 def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, train: str, report: Path,
-                          cfg: EvalConfig, training: dict, threads: int, reject_copies: bool = True) -> dict:
+                          cfg: EvalConfig, training: dict, threads: int, reject_copies: bool = True,
+                          purpose: str = "general") -> dict:
     """Sample `num` images from the export of `run` into `synth` (run None: `synth` is already written) and
     evaluate them; in a process of its own (the classifiers seed torch's global generator). With
     `reject_copies`, near-copies of the generator's training images are redrawn (generate --reject-copies, the
-    real test set as the unseen reference: the evaluation's rule) and the metrics say how many. A rerun with the
-    same training, count and protocol reuses the metrics it wrote."""
+    real test set as the unseen reference: the evaluation's rule) and the metrics say how many. `purpose` is
+    generate's --purpose (its measured sampling defaults and classifier filter); the metrics say how many draws
+    that filter threw away. A rerun with the same training, count and protocol reuses the metrics it wrote."""
     torch.set_num_threads(threads)
     record = report / "quality_row.json"
     key = {"training": training, "num": num, "cfg": dataclasses.asdict(cfg),
-           **({"reject_copies": True} if reject_copies and run is not None else {})}
+           **({"reject_copies": True} if reject_copies and run is not None else {}),
+           **({"purpose": purpose} if purpose != "general" and run is not None else {})}
 
     def what(k: dict) -> dict:  # the model, count and protocol; not how long training took
         return {**k, "training": {n: v for n, v in (k.get("training") or {}).items() if n != "wall_s"}}
@@ -224,10 +227,14 @@ def generate_and_evaluate(run: Path | None, synth: Path, num: int, test: str, tr
     copies = None
     if run is not None:
         rejecting = {"reject_copies": True, "copy_reference": test} if reject_copies else {}
-        made = generate(str(run), str(synth), num=num, seed=0, overwrite=True, **rejecting).manifest
+        made = generate(str(run), str(synth), num=num, seed=0, overwrite=True, purpose=purpose,
+                        **rejecting).manifest
         copies = made.provenance.get("reject_copies", {}).get("rejected")
+        filtered = (made.provenance.get("filter") or {}).get("dropped")
     metrics = evaluate_synthetic(str(synth), test, train=train, report=str(report), cfg=cfg)
     metrics["copies_redrawn"] = copies
+    if run is not None:
+        metrics.update(purpose=purpose, filtered_out=filtered)
     record.write_text(json.dumps({"key": key, "metrics": metrics}))
     return metrics
 
@@ -256,6 +263,7 @@ def row(family: str, data: str, training: dict, m: dict) -> dict:
         "precision_floor": f["precision_floor"], "recall_floor": f["recall_floor"],
         "class_consistency": f["class_consistency"], "near_copy_fraction": mem["near_copy_fraction"],
         "near_copy_floor": mem["real_floor_fraction"], "copies_redrawn": m.get("copies_redrawn"),
+        "purpose": m.get("purpose", "general"), "filtered_out": m.get("filtered_out"),
         "cas": cas.get("cas"), "cas_real": cas.get("real_accuracy"), "cas_ratio": cas.get("ratio"),
         "aug_real": (aug.get("real_only") or {}).get("mean"),
         "aug_mixed": (aug.get("real_plus_synthetic") or {}).get("mean"),
@@ -280,9 +288,17 @@ def table(rows: list[dict]) -> list[str]:
             f"({fmt(r['fid_floor'])}) | {fmt(r['kid_x1000'])} ({fmt(r['kid_floor_x1000'])}) | "
             f"{fmt(r['precision'], digits=3)} / "
             f"{fmt(r['recall'], digits=3)} ({fmt(r['precision_floor'], digits=3)} / {fmt(r['recall_floor'], digits=3)})"
-            f" | {fmt(r['class_consistency'], True, 1)}% | {fmt(r['near_copy_fraction'], True)}% "
+            f" | {fmt(r['class_consistency'], True, 1)}%{filtered(r)} | {fmt(r['near_copy_fraction'], True)}% "
             f"({fmt(r['near_copy_floor'], True)}%){redrawn(r)} | {cas} | {aug} |")
     return lines
+
+
+def filtered(r: dict) -> str:
+    """" (filter: 1234 redrawn)": draws the classifier filter of the row's --purpose threw away. The filter's
+    classifier is the extractor that measures class consistency, so a filtered set's consistency is high by
+    construction."""
+    n = r.get("filtered_out")
+    return "" if n is None else f" (filter: {n} redrawn)"
 
 
 def redrawn(r: dict) -> str:
@@ -360,6 +376,9 @@ def main() -> int:
     ap.add_argument("--rows", help="comma-separated rows to run, by run name (gan_full, gan_k10, prior_k50, "
                     "cdcgan_full, ...; default all that --families, --ks and --no-reference give)")
     ap.add_argument("--no-reference", action="store_true", help=f"skip the {REFERENCE} row (bench/cdcgan.py)")
+    ap.add_argument("--general", action="store_true", help="draw every set with generate's plain defaults (by "
+                    "default a full-data set is drawn with --purpose cas and a K-shot set with --purpose augment: "
+                    "each with the sampling and filter measured best for what its row measures, as a team would)")
     ap.add_argument("--keep-copies", action="store_true", help="generate without --reject-copies (by default each "
                     "near-copy of a generator's training images is redrawn, as a team publishing a set would)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
@@ -447,9 +466,10 @@ def main() -> int:
         synth = Path(training["synthetic"]) if family == REFERENCE else work / "synth" / name
         run = None if family == REFERENCE else work / "runs" / name
         row_cfg = cfg if full else dataclasses.replace(cfg, cas=False)
+        purpose = "general" if args.general else "cas" if full else "augment"
         metrics = evaluators.submit(generate_and_evaluate, run, synth, args.num if full else args.num_k, test, train,
                                     work / "reports" / name, row_cfg, training, args.threads,
-                                    not args.keep_copies).result()
+                                    not args.keep_copies, purpose).result()
         print(f"== {name}: evaluated", flush=True)
         return training, metrics
 
@@ -488,6 +508,10 @@ def main() -> int:
         "images (training set = the generator's own); "
         + ("kept (--keep-copies)" if args.keep_copies else "generated with --reject-copies (the same rule, the real "
            "test set as reference): each near-copy redrawn, the count shown as 'N redrawn'"),
+        "sampling: generate's plain defaults (--general)" if args.general else "sampling: generate --purpose cas "
+        "(full data) / augment (K-shot), each family's measured defaults for it; where that includes the classifier "
+        "filter (its classifier is the extractor above, so class consistency is high by construction), the draws "
+        "it threw away shown as 'filter: N redrawn'; the reference is sampled plainly",
         f"classifier (CAS, augmentation): SmallCNN, {cfg.classifier_steps} steps, batch {cfg.classifier_batch_size}, "
         f"AdamW {cfg.classifier_lr:g} cosine, classic augmentation {cfg.real_augment} of every real (and synthetic: "
         f"{cfg.augment_synthetic}) image; CAS: {args.num} synthetic vs {args.num} real, 1 seed; "

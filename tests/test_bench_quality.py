@@ -85,3 +85,38 @@ def test_render_prints_a_saved_result_without_running(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--render", str(saved)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a result file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_set_is_drawn_for_what_its_row_measures_and_the_filter_is_counted(quality, tmp_path, monkeypatch):
+    """A full-data row draws with --purpose cas: where the family's measured defaults for it include the
+    classifier filter, the set is filtered and the row says how many draws it threw away; another purpose is
+    another measurement, not a reuse of the first."""
+    import dataclasses
+
+    import torch
+
+    from gensynth.config import EvalConfig
+    from gensynth.data.manifest import read_manifest
+    from gensynth.families.gan.sampler import GANSampler
+    from tests.conftest import train_tiny_gan, write_shard_set
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("GENSYNTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(GANSampler, "PURPOSES", {"cas": {"filter_threshold": 0.3}})
+    data = tmp_path / "toy"
+    write_shard_set(data / "train", [40, 40], classes=2)  # two classes: some samples of each pass 0.3
+    write_shard_set(data / "test", [30], split="test", classes=2)
+    run = train_tiny_gan(tmp_path / "runs", str(data / "train"), name="gan_full")
+    cfg = dataclasses.replace(EvalConfig(), num=40, classifier_steps=3, extractor_epochs=1.0, classifier_batch_size=8)
+    training = {"steps": 2, "cpu_s": 60.0}
+    synth, report = tmp_path / "synth", tmp_path / "report"
+    args = (run, synth, 40, str(data / "test"), str(data / "train"), report, cfg, training, 1, False)
+    metrics = quality.generate_and_evaluate(*args, "cas")
+    kept = read_manifest(str(synth)).provenance["filter"]
+    assert kept["threshold"] == 0.3 and metrics["purpose"] == "cas"
+    assert metrics["filtered_out"] == kept["dropped"]
+    line = quality.table([quality.row("gan", "all 80", training, metrics)])[-1]
+    assert f"% (filter: {kept['dropped']} redrawn) |" in line
+    plain = quality.generate_and_evaluate(*args, "general")
+    assert plain["purpose"] == "general" and plain["filtered_out"] is None
+    assert read_manifest(str(synth)).provenance["filter"] is None
