@@ -88,22 +88,35 @@ def measure(task: Task) -> dict:
     """_measure, kept beside the value's report: a rerun of the same task on the same export reuses it. A value
     the generator cannot meet (a filter threshold some class never reaches) gives a row that says so, not the
     end of the sweep."""
-    record = Path(task.report) / _name(task) / "sweep_row.json"
+    saved = _saved(task)
+    if saved is not None:
+        return saved
+    try:
+        row = _measure(task)
+    except GensynthError as e:  # deterministic (the draws are seeded): kept like a measured row
+        print(f"{_name(task)}: failed: {e}", flush=True)
+        row = {"family": task.family, "purpose": task.purpose, task.option: task.value, "failed": str(e)}
+    record, key = _record(task)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"key": key, "row": row}))
+    return row
+
+
+def _record(task: Task) -> tuple[Path, dict]:
+    """Where a measured row is kept, and what it was measured on (the task and the export)."""
     export = Path(task.run) / "export" / "config.json"
-    key = {"task": json.loads(json.dumps(dataclasses.asdict(task))),
-           "export_config_sha256": hashlib.sha256(export.read_bytes()).hexdigest()}
+    return (Path(task.report) / _name(task) / "sweep_row.json",
+            {"task": json.loads(json.dumps(dataclasses.asdict(task))),
+             "export_config_sha256": hashlib.sha256(export.read_bytes()).hexdigest()})
+
+
+def _saved(task: Task) -> dict | None:
+    record, key = _record(task)
     if record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("key") == key:
             return saved["row"]
-    try:
-        row = _measure(task)
-    except GensynthError as e:
-        print(f"{_name(task)}: failed: {e}", flush=True)
-        return {"family": task.family, "purpose": task.purpose, task.option: task.value, "failed": str(e)}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"key": key, "row": row}))
-    return row
+    return None
 
 
 def _measure(task: Task) -> dict:
@@ -207,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             if "augment" in purposes:
                 tasks.append(Task(family, "augment", str(fewshot), option, v, args.num, train, test, k_set, out, report,
                                   dataclasses.replace(base, cas=False), 1))
-    print(f"== {len(tasks)} measurements, {args.parallel} at a time", flush=True)
+    reused = sum(_saved(t) is not None for t in tasks)
+    print(f"== {len(tasks)} measurements ({reused} kept from an earlier run), {args.parallel} at a time", flush=True)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.parallel, mp_context=spawn, initializer=_init,
                              initargs=(args.threads,)) as pool:
@@ -245,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"its own real baseline); augmentation: K = {args.k} real per class + samples, {args.seeds} seeds "
                 f"paired, fixed mix: share {base.synthetic_fraction}, weight {base.synthetic_weight}, filter "
                 f"{base.synthetic_filter}; {args.parallel} at a time, {args.threads} thread(s) each; load average "
-                f"{load:.1f} at start; {(time.monotonic() - started) / 60:.0f} min wall")
+                f"{load:.1f} at start; {(time.monotonic() - started) / 60:.0f} min wall"
+                + (f" ({reused} of {len(tasks)} values measured by an earlier run, reused)" if reused else ""))
     print(protocol)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

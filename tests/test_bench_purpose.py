@@ -61,19 +61,25 @@ def test_the_sweep_measures_both_purposes_for_every_value(tmp_path: Path, monkey
     assert mix["searched"] is False  # the sampling value is the only thing that changes
 
 
-def test_the_samplers_take_exactly_the_values_the_committed_sweep_adopted():
-    """docs/results/purpose.json is what `--purpose` stands on: a sampler's PURPOSES holds a value for a purpose
-    exactly where that sweep adopted one (a later sweep that changes its mind must change the code too)."""
+def test_the_samplers_take_exactly_the_values_the_committed_sweeps_adopted():
+    """docs/results/purpose.json (each family's sampling option) and purpose_filter.json (the classifier filter)
+    are what `--purpose` stands on: a sampler's PURPOSES holds a value for a purpose exactly where a sweep adopted
+    one (a later sweep that changes its mind must change the code too)."""
     from gensynth.families.gan.sampler import GANSampler
     from gensynth.families.prior.sampler import PriorSampler
     from gensynth.families.vae.sampler import VAESampler
 
     samplers = {"gan": GANSampler, "prior": PriorSampler, "vae": VAESampler}
-    swept = json.loads((REPO / "docs" / "results" / "purpose.json").read_text())["families"]
-    assert set(swept) == set(samplers)
-    for family, entry in swept.items():
-        adopted = {purpose: {entry["option"]: j["best"]} for purpose, j in entry["judged"].items() if j["adopt"]}
-        assert samplers[family].PURPOSES == adopted, family
+    adopted: dict[str, dict] = {family: {} for family in samplers}
+    for sweep in ("purpose.json", "purpose_filter.json"):
+        swept = json.loads((REPO / "docs" / "results" / sweep).read_text())["families"]
+        assert set(swept) <= set(samplers), sweep
+        for family, entry in swept.items():
+            for purpose, j in entry["judged"].items():
+                if j["adopt"]:
+                    adopted[family].setdefault(purpose, {})[entry["option"]] = j["best"]
+    for family, sampler in samplers.items():
+        assert sampler.PURPOSES == adopted[family], family
 
 
 def test_the_sweep_can_sweep_the_classifier_filter_for_cas_alone(tmp_path: Path, monkeypatch):
@@ -110,7 +116,7 @@ def test_the_sweep_can_sweep_the_classifier_filter_for_cas_alone(tmp_path: Path,
     again = subprocess.run([sys.executable, str(REPO / "bench" / "purpose.py"), *argv], capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(out.read_text())["families"]["gan"]["cas"][:2] == [off, on]
+    assert json.loads(out.read_text())["families"]["gan"]["cas"] == [off, on, never]  # the failure too
     assert not (synth / "gan_full-filter_threshold-0.3" / "manifest.json").exists()
 
 

@@ -97,7 +97,7 @@ def test_cli_filter_records_the_classifier_and_refuses_a_class_it_never_accepts(
     assert main(["-q", "generate", str(tiny_gan), str(tmp_path / "never"), "--num", "20", "--filter",
                  "--filter-classifier", classifier]) == 1
     err = capsys.readouterr().err
-    assert "still score below --filter-threshold 0.9" in err and "c1" in err
+    assert "still score below the filter's threshold 0.9" in err and "--filter 0 for none" in err and "c1" in err
     assert not (tmp_path / "never" / "manifest.json").exists()
 
 

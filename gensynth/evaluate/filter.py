@@ -21,7 +21,7 @@ class SampleFilter:
 
     def __init__(self, classifier: Any, threshold: float, describe: dict[str, Any]):
         if not 0 < threshold < 1:
-            raise UsageError(f"--filter-threshold {threshold}: must be between 0 and 1")
+            raise UsageError(f"--filter {threshold}: must be between 0 and 1")
         self.model = classifier.eval()
         self.threshold = threshold
         self.describe = describe

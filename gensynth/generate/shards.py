@@ -104,8 +104,9 @@ def why_rejected(labels: torch.Tensor, low: torch.Tensor, copy: torch.Tensor, cl
                      "keeps evaluations below eval.max_copies) or train with more data")
     if (low & ~copy).any():
         short = sorted({classes[int(c)] for c in labels[low & ~copy]})
-        parts.append(f"some samples of {', '.join(short)} still score below --filter-threshold {keep.threshold}; "
-                     "the model rarely makes that class recognisably: lower the threshold or improve the model")
+        parts.append(f"some samples of {', '.join(short)} still score below the filter's threshold {keep.threshold:g}; "
+                     "the model rarely makes that class recognisably: lower the threshold (--filter T; --filter 0 for "
+                     "none, also where --purpose sets one) or improve the model")
     return "; ".join(parts)
 
 
