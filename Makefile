@@ -76,6 +76,8 @@ bench: setup
 	$(BIN)/python bench/finalize.py --json bench/results/finalize.json
 	$(BIN)/python bench/quality.py --json bench/results/quality.json
 	$(BIN)/python bench/purpose.py --json bench/results/purpose.json
+	$(BIN)/python bench/purpose.py --families gan,prior --option filter_threshold --values 0,0.3,0.5,0.7,0.8 \
+	    --purposes cas --num 10000 --json bench/results/purpose_filter.json
 
 # Its own venv: torch from the package index (its CUDA build), not the CPU pin of constraints.txt.
 GPU_VENV ?= .venv-gpu

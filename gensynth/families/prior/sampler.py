@@ -41,6 +41,10 @@ class PriorSampler(Sampler):
                "top_k": (0, "draw each code among the k most likely only (Fan et al. 2018); 0 = all codes"),
                "guidance": (None, "classifier-free guidance scale (Ho & Salimans 2022), > 1 more class-typical; "
                             "default: the prior's own (prior.guidance when it trained; 1 = off)")}
+    # bench/purpose.py --option filter_threshold (docs/results/purpose_filter.json, the full-data prior): keeping the
+    # samples the classifier gives their label >= 0.3 took CAS / real from 0.850 to 0.895 (3 seeds, spread 0.029);
+    # from 0.5 up too few of its shirts pass; its temperature served neither purpose (docs/results/purpose.json)
+    PURPOSES = {"cas": {"filter_threshold": 0.3}}
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device):
         super().__init__(tensors, config, device)
