@@ -6,12 +6,13 @@
 For every model family with a config here (configs/<family>_fashion.yaml; the few-shot runs use
 configs/<family>_fashion_fewshot.yaml when it exists; "prior" is the VQ-VAE for half the budget, then
 its prior for the other half), at a fixed CPU budget per generator:
-1. train it on all of Fashion-MNIST train, generate --num samples, and evaluate them (gensynth eval:
-   FID / KID / precision / recall in the cached extractor's features with their real-vs-real floors,
-   class consistency, near-copies, CAS next to as many real samples);
+1. train it on all of Fashion-MNIST train, generate --num samples (--purpose cas: the family's measured
+   defaults for a set trained on alone, e.g. the GAN's classifier filter; --general: plain defaults), and
+   evaluate them (gensynth eval: FID / KID / precision / recall in the cached extractor's features with
+   their real-vs-real floors, class consistency, near-copies, CAS next to as many real samples);
 2. for each K in --ks: cut a K-per-class real set (gensynth shard shards:... --per-class K), train the
-   same family on it alone, generate --num-k samples, and measure the augmentation gain at K (the
-   provenance check guarantees the generator saw only those K x 10 labelled images).
+   same family on it alone, generate --num-k samples (--purpose augment), and measure the augmentation gain
+   at K (the provenance check guarantees the generator saw only those K x 10 labelled images).
 The budget is CPU time, not steps: each training process (with its loader workers) is measured with
 psutil and stopped by SIGTERM once it has used --budget CPU-minutes; the loop saves a checkpoint and
 exits 75, and a rerun with train.steps=<the step reached> writes the export. So families compare at
