@@ -131,11 +131,11 @@ def test_purpose_sets_the_filter_measured_best_for_the_family_and_an_explicit_fi
 
 def test_a_purpose_filter_without_a_classifier_says_how_to_draw_without_it(tiny_gan, tmp_path, monkeypatch):
     from gensynth.families.gan.sampler import GANSampler
-    from gensynth.generate.job import purpose_filter
+    from gensynth.generate.job import job_filter
 
     monkeypatch.setattr(GANSampler, "PURPOSES", {"cas": {"filter_threshold": 0.9}})
     sampler = load_sampler(tiny_gan)
     sampler.config = {**sampler.config, "training_data": [{"kind": "images", "train": str(tmp_path / "gone")}]}
     with pytest.raises(UsageError, match=r"--purpose cas keeps only the samples .*threshold 0.9.*--filter 0$"):
-        purpose_filter(sampler, GenerateOptions(purpose="cas"))
-    assert purpose_filter(sampler, GenerateOptions(purpose="cas", filter_threshold=0)) is None
+        job_filter(sampler, GenerateOptions(purpose="cas"))
+    assert job_filter(sampler, GenerateOptions(purpose="cas", filter_threshold=0)) is None

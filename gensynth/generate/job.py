@@ -216,21 +216,21 @@ def pick_device(device: str, local_rank: int) -> str:
     return "cpu"
 
 
-def purpose_filter(sampler: Sampler, opts: GenerateOptions) -> SampleFilter | None:
+def job_filter(sampler: Sampler, opts: GenerateOptions) -> SampleFilter | None:
     """The classifier filter of --filter, or else the one --purpose sets for this family (its measured
     threshold); --filter 0 draws without one."""
-    threshold = opts.filter_threshold
-    if threshold is None:
-        threshold = sampler.purpose_filter(opts.purpose)
-        if threshold is None:
-            return None
-        try:
-            return load_filter(opts.filter_classifier, sampler.config, threshold)
-        except UsageError as e:
-            raise UsageError(f"--purpose {opts.purpose} keeps only the samples that a classifier recognises (threshold "
-                             f"{threshold:g}, measured best for a {sampler.family} set): {e}; or draw without it: "
-                             "--filter 0") from None
-    return load_filter(opts.filter_classifier, sampler.config, threshold) if threshold > 0 else None
+    given = opts.filter_threshold is not None
+    threshold = opts.filter_threshold if given else sampler.purpose_filter(opts.purpose)
+    if not threshold:  # None: no filter measured for the purpose; 0: --filter 0
+        return None
+    try:
+        return load_filter(opts.filter_classifier, sampler.config, threshold)
+    except UsageError as e:
+        if given:
+            raise
+        raise UsageError(f"--purpose {opts.purpose} keeps only the samples that a classifier recognises (threshold "
+                         f"{threshold:g}, measured best for a {sampler.family} set): {e}; or draw without it: "
+                         "--filter 0") from None
 
 
 def generate(source: str, out: str, opts: GenerateOptions | None = None, **fields: Any) -> Result:
@@ -247,7 +247,7 @@ def generate(source: str, out: str, opts: GenerateOptions | None = None, **field
     rank, world = rank_world()
     out = str(out).rstrip("/")
     sampler = load_sampler(source, device=pick_device(opts.device, int(os.environ.get("LOCAL_RANK", rank))))
-    keep = purpose_filter(sampler, opts)
+    keep = job_filter(sampler, opts)
     if not opts.relabel and (opts.relabel_teacher or opts.relabel_test):
         raise UsageError("--relabel-teacher and --relabel-test only apply with --relabel")
     teacher = load_teacher(opts.relabel_teacher, sampler.config, opts.relabel_test) if opts.relabel else None
